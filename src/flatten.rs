@@ -1,0 +1,338 @@
+//! CNAME flattening as pure functions: message in, decision and flattened message out.
+//!
+//! A chain is followed from the question name by a linear walk over the answer section with a
+//! visited set and a hop cap shared by the whole chain (upstream answer and chase answers
+//! together), never by recursion over untrusted data. Only records on that chain are used
+//! (R19): anything else the message holds is ignored.
+//!
+//! The flattened answer (F2) is written directly: header flags from the upstream with AD
+//! cleared, the client's question, then the final RRset with every owner a compression pointer
+//! to the question name (offset 12). The owner therefore reads exactly as the client wrote the
+//! question, and a cache hit that patches the question case patches the owners with it.
+
+use domain::base::name::ParsedName;
+use domain::base::{Message, ToName};
+use domain::rdata::Cname;
+
+use crate::config::{Exclude, FlattenConfig};
+use crate::wire::{self, Header, HEADER_LEN};
+
+/// Why an answer is passed through unflattened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    Disabled,
+    NotAddress,
+    NotNoError,
+    Dnssec,
+    OutOfScope,
+    Excluded,
+    /// No CNAME at the question name: nothing to flatten.
+    NoChain,
+    Loop,
+    TooLong,
+    /// Two CNAMEs at one owner, or a CNAME beside other data.
+    Ambiguous,
+    /// The target does not exist (NXDOMAIN).
+    Dangling,
+    /// The chain ends at a name without records of the asked type.
+    NoData,
+    /// SERVFAIL, timeout or overload while chasing.
+    ChaseFailed,
+    Malformed,
+}
+
+impl Skip {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Skip::Disabled => "disabled",
+            Skip::NotAddress => "not-address",
+            Skip::NotNoError => "not-noerror",
+            Skip::Dnssec => "dnssec",
+            Skip::OutOfScope => "out-of-scope",
+            Skip::Excluded => "excluded",
+            Skip::NoChain => "no-chain",
+            Skip::Loop => "loop",
+            Skip::TooLong => "too-long",
+            Skip::Ambiguous => "ambiguous",
+            Skip::Dangling => "dangling",
+            Skip::NoData => "nodata",
+            Skip::ChaseFailed => "chase-failure",
+            Skip::Malformed => "malformed",
+        }
+    }
+}
+
+/// One record of the final RRset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rr {
+    pub rtype: u16,
+    pub ttl: u32,
+    pub rdata: Vec<u8>,
+}
+
+/// One CNAME link walked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub owner: Vec<u8>,
+    pub target: Vec<u8>,
+    pub ttl: u32,
+}
+
+/// State of one chain across the messages that answer parts of it.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    visited: Vec<Vec<u8>>,
+    pub links: Vec<Link>,
+    pub min_ttl: u32,
+    max_hops: usize,
+}
+
+impl Chain {
+    /// A chain starting at `start` (lowercased wire name), following at most `max_hops` CNAMEs.
+    pub fn new(start: &[u8], max_hops: usize) -> Chain {
+        Chain {
+            visited: vec![start.to_vec()],
+            links: Vec::new(),
+            min_ttl: u32::MAX,
+            max_hops,
+        }
+    }
+    pub fn hops(&self) -> usize {
+        self.links.len()
+    }
+}
+
+/// Where a walk over one message ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// The chain ends here with these records of the asked type.
+    Done(Vec<Rr>),
+    /// The chain goes on at this name (lowercased wire form), which the message does not answer.
+    Continue(Vec<u8>),
+    Fail(Skip),
+}
+
+/// A TTL with the top bit set counts as 0 (RFC 2181 section 8).
+fn sane_ttl(ttl: u32) -> u32 {
+    if ttl & 0x8000_0000 != 0 {
+        0
+    } else {
+        ttl
+    }
+}
+
+fn lower_name<N: ToName + ?Sized>(name: &N) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    // Vec's append error is Infallible.
+    let _ = name.compose_canonical(&mut out);
+    out
+}
+
+/// Follows the chain from `start` through the answer section of `msg`.
+pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
+    let Ok(m) = Message::from_slice(msg) else {
+        return Step::Fail(Skip::Malformed);
+    };
+    let Ok(answer) = m.answer() else {
+        return Step::Fail(Skip::Malformed);
+    };
+    let mut cnames: Vec<Link> = Vec::new();
+    let mut finals: Vec<(Vec<u8>, Rr)> = Vec::new();
+    for rec in answer {
+        let Ok(rec) = rec else {
+            return Step::Fail(Skip::Malformed);
+        };
+        if rec.class().to_int() != wire::CLASS_IN {
+            continue;
+        }
+        let rtype = rec.rtype().to_int();
+        if rtype == wire::TYPE_CNAME {
+            match rec.to_record::<Cname<ParsedName<_>>>() {
+                Ok(Some(r)) => cnames.push(Link {
+                    owner: lower_name(r.owner()),
+                    target: lower_name(r.data().cname()),
+                    ttl: sane_ttl(rec.ttl().as_secs()),
+                }),
+                _ => return Step::Fail(Skip::Malformed),
+            }
+        } else if rtype == qtype {
+            let rdata = match rtype {
+                wire::TYPE_A => match rec.to_record::<domain::rdata::A>() {
+                    Ok(Some(r)) => r.data().addr().octets().to_vec(),
+                    _ => return Step::Fail(Skip::Malformed),
+                },
+                wire::TYPE_AAAA => match rec.to_record::<domain::rdata::Aaaa>() {
+                    Ok(Some(r)) => r.data().addr().octets().to_vec(),
+                    _ => return Step::Fail(Skip::Malformed),
+                },
+                _ => continue,
+            };
+            finals.push((
+                lower_name(&rec.owner()),
+                Rr {
+                    rtype,
+                    ttl: sane_ttl(rec.ttl().as_secs()),
+                    rdata,
+                },
+            ));
+        }
+    }
+
+    let mut cur = start.to_vec();
+    loop {
+        let mut at_cur = cnames.iter().filter(|l| l.owner == cur);
+        match (at_cur.next(), at_cur.next()) {
+            (Some(_), Some(_)) => return Step::Fail(Skip::Ambiguous),
+            (Some(link), None) => {
+                if finals.iter().any(|(o, _)| *o == cur) {
+                    return Step::Fail(Skip::Ambiguous);
+                }
+                if chain.visited.contains(&link.target) {
+                    return Step::Fail(Skip::Loop);
+                }
+                if chain.links.len() >= chain.max_hops {
+                    return Step::Fail(Skip::TooLong);
+                }
+                chain.visited.push(link.target.clone());
+                chain.min_ttl = chain.min_ttl.min(link.ttl);
+                chain.links.push(link.clone());
+                cur = link.target.clone();
+            }
+            (None, _) => {
+                let rrs: Vec<Rr> = finals
+                    .iter()
+                    .filter(|(o, _)| *o == cur)
+                    .map(|(_, r)| r.clone())
+                    .collect();
+                if !rrs.is_empty() {
+                    if chain.links.is_empty() {
+                        return Step::Fail(Skip::NoChain);
+                    }
+                    return Step::Done(rrs);
+                }
+                if chain.links.is_empty() {
+                    return Step::Fail(Skip::NoChain);
+                }
+                return Step::Continue(cur);
+            }
+        }
+    }
+}
+
+/// Whether flattening applies to this question at all (F1, F6).
+pub fn eligible(
+    cfg: &FlattenConfig,
+    qname_lower: &[u8],
+    qtype: u16,
+    qclass: u16,
+    do_bit: bool,
+) -> Result<(), Skip> {
+    if !cfg.enabled {
+        return Err(Skip::Disabled);
+    }
+    if (qtype != wire::TYPE_A && qtype != wire::TYPE_AAAA) || qclass != wire::CLASS_IN {
+        return Err(Skip::NotAddress);
+    }
+    if do_bit && cfg.dnssec == crate::config::DnssecPolicy::Passthrough {
+        return Err(Skip::Dnssec);
+    }
+    if !cfg.zones.is_empty() && !cfg.zones.iter().any(|z| is_subdomain(qname_lower, z)) {
+        return Err(Skip::OutOfScope);
+    }
+    for x in &cfg.exclude {
+        let hit = match x {
+            Exclude::FirstLabel(l) => qname_lower.starts_with(l),
+            Exclude::Subtree(n) => is_subdomain(qname_lower, n),
+        };
+        if hit {
+            return Err(Skip::Excluded);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` equals `zone` or lies below it (both lowercased uncompressed wire names).
+pub fn is_subdomain(name: &[u8], zone: &[u8]) -> bool {
+    let mut pos = 0;
+    while pos < name.len() {
+        if name[pos..] == *zone {
+            return true;
+        }
+        pos += name[pos] as usize + 1;
+    }
+    false
+}
+
+/// Whether a reply's rcode (with the OPT's extended bits) is plain NOERROR.
+pub fn is_noerror(msg: &[u8]) -> bool {
+    let Some(h) = Header::read(msg) else {
+        return false;
+    };
+    h.rcode() == wire::RCODE_NOERROR
+        && crate::response::opt_of(msg).is_none_or(|o| o.ttl >> 24 == 0)
+}
+
+/// The extended-aware rcode class of a chase reply.
+pub fn rcode(msg: &[u8]) -> Option<u8> {
+    Header::read(msg).map(|h| h.rcode())
+}
+
+/// Writes the flattened answer: `upstream`'s header flags (AD and TC cleared), the client's
+/// `question`, `rrs` with owner = the question name and TTL = `ttl`, and `upstream`'s OPT
+/// record if it had one. Returns `None` if the result would exceed 65,535 octets.
+pub fn build(upstream: &[u8], question: &[u8], rrs: &[Rr], ttl: u32) -> Option<Vec<u8>> {
+    let h = Header::read(upstream)?;
+    let mut opt = None;
+    wire::walk_records(upstream, |r| {
+        if r.rtype == wire::TYPE_OPT && opt.is_none() {
+            opt = Some(r.start..r.end());
+        }
+    })
+    .ok()?;
+    let size = HEADER_LEN
+        + question.len()
+        + rrs.iter().map(|r| 12 + r.rdata.len()).sum::<usize>()
+        + opt.as_ref().map_or(0, |o| o.len());
+    if size > usize::from(u16::MAX) || rrs.len() > usize::from(u16::MAX) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(size);
+    let flags = h.flags & !(wire::FLAG_AD | wire::FLAG_TC);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&[0, 1]);
+    out.extend_from_slice(&(rrs.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, u8::from(opt.is_some())]);
+    out.extend_from_slice(question);
+    for r in rrs {
+        out.extend_from_slice(&[0xc0, 0x0c]);
+        out.extend_from_slice(&r.rtype.to_be_bytes());
+        out.extend_from_slice(&wire::CLASS_IN.to_be_bytes());
+        out.extend_from_slice(&ttl.to_be_bytes());
+        out.extend_from_slice(&(r.rdata.len() as u16).to_be_bytes());
+        out.extend_from_slice(&r.rdata);
+    }
+    if let Some(o) = opt {
+        out.extend_from_slice(&upstream[o]);
+    }
+    Some(out)
+}
+
+/// The TTL of a flattened answer (F2): the minimum over every link and the final RRset.
+pub fn answer_ttl(chain: &Chain, rrs: &[Rr]) -> u32 {
+    rrs.iter().map(|r| r.ttl).fold(chain.min_ttl, u32::min)
+}
+
+/// A query for `name`/`qtype` as flatdns sends it when chasing: RD=1, EDNS with our UDP size,
+/// DO=0 (flattened answers carry no signatures).
+pub fn chase_query(name: &[u8], qtype: u16, udp_size: u16) -> Vec<u8> {
+    let mut q = Vec::with_capacity(HEADER_LEN + name.len() + 15);
+    q.extend_from_slice(&[0, 0, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]);
+    q.extend_from_slice(name);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&wire::CLASS_IN.to_be_bytes());
+    q.extend_from_slice(&[0, 0, 41]);
+    q.extend_from_slice(&udp_size.to_be_bytes());
+    q.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    q
+}

@@ -1,0 +1,398 @@
+//! The pipeline for one query, top to bottom. Policy order lives here and nowhere else:
+//!
+//! 1. scan the query (no header or QR=1: drop; malformed: FORMERR)
+//! 2. ACL (outside: REFUSED, nothing goes upstream)
+//! 3. EDNS version (not 0: BADVERS)
+//! 4. cache lookup (hit: the stored answer with the client's ID, question bytes, aged TTLs)
+//! 5. miss: coalesce on the key; the leader takes an in-flight permit and asks the upstream
+//! 6. flatten the upstream's answer, chasing the rest of a partial chain through the resolver
+//!    (each chase step is itself cached and coalesced)
+//! 7. cache the final answer; reply (TC=1 with the question only if it is too long for UDP)
+//!
+//! Steps 1-4 are [`Handler::answer_fast`], which never waits: listeners call it inline and
+//! spawn a task only for a miss. Any per-query failure ends here as an rcode; nothing a client
+//! or an upstream sends can stop a listener.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use tokio::sync::Semaphore;
+use tokio::time::{timeout_at, Instant};
+use tracing::debug;
+
+use crate::cache::{keyflag, Cache, Entry, Key, Kind};
+use crate::config::Config;
+use crate::flatten::{self, Chain, Skip, Step};
+use crate::inflight::{Inflight, Join};
+use crate::response::{self, OptFields};
+use crate::upstream::Upstream;
+use crate::wire::{self, Query, QueryError};
+
+/// How the client's query arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What [`Handler::answer_fast`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fast {
+    /// `out` holds the reply.
+    Reply,
+    /// Send nothing.
+    Drop,
+    /// Needs the upstream: call [`Handler::answer`] from a task.
+    Miss,
+}
+
+/// What a leader produced for its key: the entry to share, and the upstream's own reply when
+/// the answer is passed through (the leader's client gets those bytes unchanged, F5).
+struct Produced {
+    entry: Option<Arc<Entry>>,
+    raw: Option<Bytes>,
+}
+
+enum Got {
+    Leader(Produced),
+    Shared(Arc<Entry>),
+    Failed,
+}
+
+/// Everything a query needs, shared by all listeners.
+pub struct Handler {
+    config: Config,
+    allow: Vec<IpNet>,
+    cache: Cache,
+    inflight: Inflight,
+    upstream: Upstream,
+    resolver: Upstream,
+    permits: Semaphore,
+}
+
+impl Handler {
+    pub fn new(config: Config) -> Handler {
+        let upstream = Upstream::new(config.upstreams.clone(), config.timeout, config.attempts);
+        let resolver = if config.resolvers.is_empty() {
+            upstream.clone()
+        } else {
+            Upstream::new(config.resolvers.clone(), config.timeout, config.attempts)
+        };
+        Handler {
+            allow: config.allow.clone(),
+            cache: Cache::new(&config.cache),
+            inflight: Inflight::new(config.limits.waiters_per_key),
+            permits: Semaphore::new(config.limits.max_inflight),
+            upstream,
+            resolver,
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    fn allowed(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow.iter().any(|n| n.contains(&ip))
+    }
+
+    fn limit(&self, q: &Query<'_>, transport: Transport) -> usize {
+        match transport {
+            Transport::Udp => q.udp_limit(self.config.limits.udp_size),
+            Transport::Tcp => usize::from(u16::MAX),
+        }
+    }
+
+    /// Steps 1-4: everything that needs no upstream. Never waits.
+    pub fn answer_fast(
+        &self,
+        msg: &[u8],
+        client: SocketAddr,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> Fast {
+        let q = match Query::parse(msg) {
+            Ok(q) => q,
+            Err(QueryError::Drop) => return Fast::Drop,
+            Err(QueryError::FormErr { question_ok }) => {
+                formerr(msg, question_ok, out);
+                return Fast::Reply;
+            }
+        };
+        if !self.allowed(client.ip()) {
+            debug!(%client, "refused by ACL");
+            response::error_for(&q, wire::RCODE_REFUSED, out);
+            return Fast::Reply;
+        }
+        if q.edns.is_some_and(|e| e.version != 0) {
+            // RFC 6891 6.1.3: BADVERS, advertising the version we do support (0).
+            let opt = response::own_opt(&q, wire::EXT_RCODE_BADVERS);
+            response::error(q.id(), q.header.flags, Some(q.question()), 0, opt, out);
+            return Fast::Reply;
+        }
+        if let Some(key) = Key::for_query(&q) {
+            let now = Instant::now();
+            if let Some(e) = self.cache.get(key.as_bytes(), now) {
+                if e.answer.render(
+                    q.id(),
+                    q.question(),
+                    e.age(now),
+                    self.limit(&q, transport),
+                    out,
+                ) {
+                    return Fast::Reply;
+                }
+            }
+        }
+        Fast::Miss
+    }
+
+    /// The whole pipeline. Returns the reply to send, or `None` to send nothing.
+    pub async fn answer(
+        &self,
+        msg: Bytes,
+        client: SocketAddr,
+        transport: Transport,
+    ) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        match self.answer_fast(&msg, client, transport, &mut out) {
+            Fast::Reply => return Some(out),
+            Fast::Drop => return None,
+            Fast::Miss => {}
+        }
+        let q = Query::parse(&msg).ok()?;
+        self.resolve(&q, transport, &mut out).await;
+        debug!(%client, qtype = q.qtype, rcode = out.get(3).map(|b| b & 0x0f), len = out.len(), "answered");
+        Some(out)
+    }
+
+    /// Steps 5-7 for a query that missed the cache.
+    async fn resolve(&self, q: &Query<'_>, transport: Transport, out: &mut Vec<u8>) {
+        let deadline = Instant::now() + self.config.limits.client_deadline;
+        let limit = self.limit(q, transport);
+        let tcp = transport == Transport::Tcp;
+        let Some(key) = Key::for_query(q) else {
+            // Not shareable: forward as is.
+            match self.upstream.query(q.wire, tcp, deadline).await {
+                Ok(reply) => response::passthrough(&reply, q.id(), q.question(), limit, out),
+                Err(_) => response::error_for(q, wire::RCODE_SERVFAIL, out),
+            }
+            return;
+        };
+        let got = self
+            .coalesce(key.as_bytes(), deadline, || self.produce(q, tcp, deadline))
+            .await;
+        match got {
+            Got::Leader(Produced { raw: Some(raw), .. }) => {
+                response::passthrough(&raw, q.id(), q.question(), limit, out);
+            }
+            Got::Leader(Produced { entry: Some(e), .. }) | Got::Shared(e) => {
+                let age = e.age(Instant::now());
+                if !e.answer.render(q.id(), q.question(), age, limit, out) {
+                    response::error_for(q, wire::RCODE_SERVFAIL, out);
+                }
+            }
+            Got::Leader(_) | Got::Failed => response::error_for(q, wire::RCODE_SERVFAIL, out),
+        }
+    }
+
+    /// Runs `produce` if this is the first miss for `key`, else waits for the one that is.
+    /// The leader needs an in-flight permit (R11); without one it fails at once.
+    async fn coalesce<F, Fut>(&self, key: &[u8], deadline: Instant, produce: F) -> Got
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Produced>,
+    {
+        match self.inflight.join(key) {
+            Join::Leader(leader) => {
+                let Ok(_permit) = self.permits.try_acquire() else {
+                    debug!("in-flight limit reached");
+                    return Got::Failed;
+                };
+                let p = produce().await;
+                if let Some(e) = &p.entry {
+                    self.cache.insert(key, e.clone());
+                }
+                leader.complete(p.entry.clone());
+                Got::Leader(p)
+            }
+            Join::Waiter(w) => match timeout_at(deadline, w.wait()).await {
+                Ok(Some(e)) => Got::Shared(e),
+                _ => Got::Failed,
+            },
+            Join::Full => Got::Failed,
+        }
+    }
+
+    /// The leader's work: ask the upstream, flatten if the answer qualifies.
+    async fn produce(&self, q: &Query<'_>, tcp: bool, deadline: Instant) -> Produced {
+        let now = Instant::now();
+        let reply = match self.upstream.query(q.wire, tcp, deadline).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "upstream failed");
+                return Produced {
+                    entry: self.failure_entry(q),
+                    raw: None,
+                };
+            }
+        };
+        match self.flatten(q, &reply, deadline).await {
+            Ok((flat, ttl)) => {
+                if let Some(p) = self.cache.prepare(&flat) {
+                    let ttl = p.min_ttl().unwrap_or(ttl);
+                    let e = Entry::new(p, Kind::Flattened, ttl, now);
+                    return Produced {
+                        entry: Some(Arc::new(e)),
+                        raw: None,
+                    };
+                }
+                Produced {
+                    entry: self.cache.entry_for(&reply, now).map(Arc::new),
+                    raw: Some(reply),
+                }
+            }
+            Err(skip) => {
+                debug!(reason = skip.as_str(), "passed through");
+                Produced {
+                    entry: self.cache.entry_for(&reply, now).map(Arc::new),
+                    raw: Some(reply),
+                }
+            }
+        }
+    }
+
+    /// A SERVFAIL for `q`, cached for `failure_ttl` like an upstream SERVFAIL (R8).
+    fn failure_entry(&self, q: &Query<'_>) -> Option<Arc<Entry>> {
+        let mut msg = Vec::new();
+        response::error_for(q, wire::RCODE_SERVFAIL, &mut msg);
+        let p = self.cache.prepare(&msg)?;
+        Some(Arc::new(Entry::new(
+            p,
+            Kind::Failure,
+            self.config.cache.failure_ttl,
+            Instant::now(),
+        )))
+    }
+
+    /// Decides whether `reply` is flattened and, if so, builds the flattened answer and its
+    /// TTL. Any failure on the way means the upstream's own answer is given instead (F4).
+    async fn flatten(
+        &self,
+        q: &Query<'_>,
+        reply: &[u8],
+        deadline: Instant,
+    ) -> Result<(Vec<u8>, u32), Skip> {
+        let mut start = Vec::with_capacity(q.qname().len());
+        wire::push_lower(&mut start, q.qname());
+        flatten::eligible(&self.config.flatten, &start, q.qtype, q.qclass, q.do_bit())?;
+        if !flatten::is_noerror(reply) {
+            return Err(Skip::NotNoError);
+        }
+        let mut chain = Chain::new(&start, self.config.flatten.max_chain);
+        let mut step = flatten::follow(reply, &start, q.qtype, &mut chain);
+        loop {
+            match step {
+                Step::Done(rrs) => {
+                    let ttl = flatten::answer_ttl(&chain, &rrs);
+                    let out =
+                        flatten::build(reply, q.question(), &rrs, ttl).ok_or(Skip::Malformed)?;
+                    return Ok((out, ttl));
+                }
+                Step::Fail(skip) => return Err(skip),
+                Step::Continue(target) => {
+                    let answer = self
+                        .chase(&target, q.qtype, deadline)
+                        .await
+                        .ok_or(Skip::ChaseFailed)?;
+                    match flatten::rcode(&answer) {
+                        Some(wire::RCODE_NOERROR) => {}
+                        Some(wire::RCODE_NXDOMAIN) => return Err(Skip::Dangling),
+                        _ => return Err(Skip::ChaseFailed),
+                    }
+                    step = match flatten::follow(&answer, &target, q.qtype, &mut chain) {
+                        Step::Continue(next) if next == target => Step::Fail(Skip::NoData),
+                        Step::Fail(Skip::NoChain) => Step::Fail(Skip::NoData),
+                        other => other,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Looks `name`/`qtype` up through the resolver, cached and coalesced under a chase key,
+    /// and returns the answer with TTLs aged to now.
+    async fn chase(&self, name: &[u8], qtype: u16, deadline: Instant) -> Option<Vec<u8>> {
+        let key = Key::new(
+            keyflag::CHASE | keyflag::RD | keyflag::EDNS,
+            qtype,
+            wire::CLASS_IN,
+            name,
+        )?;
+        let now = Instant::now();
+        let entry = match self.cache.get(key.as_bytes(), now) {
+            Some(e) => e,
+            None => {
+                let produce = || async {
+                    let query =
+                        flatten::chase_query(name, qtype, self.config.limits.udp_size as u16);
+                    let entry = match self.resolver.query(&query, false, deadline).await {
+                        Ok(reply) => self.cache.entry_for(&reply, Instant::now()).map(Arc::new),
+                        Err(e) => {
+                            debug!(error = %e, "chase failed");
+                            None
+                        }
+                    };
+                    Produced { entry, raw: None }
+                };
+                match self.coalesce(key.as_bytes(), deadline, produce).await {
+                    Got::Leader(Produced { entry: Some(e), .. }) | Got::Shared(e) => e,
+                    _ => return None,
+                }
+            }
+        };
+        let mut out = Vec::new();
+        let wire = entry.answer.wire();
+        let question_end = wire::HEADER_LEN + name.len() + 4;
+        let question = wire.get(wire::HEADER_LEN..question_end)?.to_vec();
+        entry
+            .answer
+            .render(
+                0,
+                &question,
+                entry.age(Instant::now()),
+                usize::MAX,
+                &mut out,
+            )
+            .then_some(out)
+    }
+}
+
+/// FORMERR for a query that could not be scanned; the question is echoed when it was readable.
+fn formerr(msg: &[u8], question_ok: bool, out: &mut Vec<u8>) {
+    let id = wire::u16_at(msg, 0).unwrap_or(0);
+    let flags = wire::u16_at(msg, 2).unwrap_or(0);
+    let question = question_ok
+        .then(|| wire::skip_name(msg, wire::HEADER_LEN).ok())
+        .flatten()
+        .and_then(|end| msg.get(wire::HEADER_LEN..end + 4));
+    response::error(
+        id,
+        flags,
+        question,
+        wire::RCODE_FORMERR,
+        None::<OptFields>,
+        out,
+    );
+}

@@ -1,0 +1,152 @@
+//! Coalescing of identical misses: one upstream query per key in flight (R4).
+//!
+//! The first query for a key becomes the leader and holds a [`Leader`] guard; later ones wait
+//! on a watch channel, at most `waiters_per_key` of them. The guard publishes the result when
+//! completed, and on drop removes the key — so a leader that fails or is cancelled releases
+//! its waiters with an error (they answer SERVFAIL) instead of leaving them hanging. Unlike
+//! moka's `try_get_with`, results that must not be cached (TC=1, TTL 0) are still shared.
+//!
+//! Only misses touch this map; the cache-hit path never does.
+
+use std::collections::hash_map::{DefaultHasher, Entry as MapEntry};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::cache::Entry;
+
+type Result = Option<Arc<Entry>>;
+
+struct Slot {
+    tx: watch::Sender<Option<Result>>,
+    waiters: AtomicUsize,
+}
+
+type Shard = Mutex<HashMap<Box<[u8]>, Arc<Slot>>>;
+
+/// Keys with a query in flight, sharded to keep lock hold times short.
+pub struct Inflight {
+    shards: Box<[Shard]>,
+    max_waiters: usize,
+}
+
+pub enum Join<'a> {
+    Leader(Leader<'a>),
+    Waiter(Waiter),
+    /// Too many waiters on this key already.
+    Full,
+}
+
+impl Inflight {
+    pub fn new(max_waiters: usize) -> Inflight {
+        Inflight {
+            shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_waiters,
+        }
+    }
+
+    fn shard(&self, key: &[u8]) -> &Shard {
+        let mut h = DefaultHasher::new();
+        key.hash(&mut h);
+        &self.shards[(h.finish() as usize) % self.shards.len()]
+    }
+
+    pub fn join(&self, key: &[u8]) -> Join<'_> {
+        let shard = self.shard(key);
+        let mut map = match shard.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(slot) = map.get(key) {
+            if slot.waiters.fetch_add(1, Ordering::Relaxed) >= self.max_waiters {
+                slot.waiters.fetch_sub(1, Ordering::Relaxed);
+                return Join::Full;
+            }
+            return Join::Waiter(Waiter {
+                rx: slot.tx.subscribe(),
+            });
+        }
+        let (tx, _) = watch::channel(None);
+        let slot = Arc::new(Slot {
+            tx,
+            waiters: AtomicUsize::new(0),
+        });
+        if let MapEntry::Vacant(v) = map.entry(key.into()) {
+            v.insert(slot.clone());
+        }
+        Join::Leader(Leader {
+            shard,
+            key: key.into(),
+            slot,
+            done: false,
+        })
+    }
+
+    /// Keys with a query in flight.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Held by the one query that goes upstream for a key.
+pub struct Leader<'a> {
+    shard: &'a Shard,
+    key: Box<[u8]>,
+    slot: Arc<Slot>,
+    done: bool,
+}
+
+impl Leader<'_> {
+    /// Publishes the result to every waiter and frees the key.
+    pub fn complete(mut self, result: Result) {
+        self.release();
+        self.slot.tx.send_replace(Some(result));
+        self.done = true;
+    }
+
+    fn release(&self) {
+        let mut map = match self.shard.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if map
+            .get(&self.key)
+            .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.release();
+            self.slot.tx.send_replace(Some(None));
+        }
+    }
+}
+
+pub struct Waiter {
+    rx: watch::Receiver<Option<Result>>,
+}
+
+impl Waiter {
+    /// The leader's result; `None` if it failed or went away.
+    pub async fn wait(mut self) -> Result {
+        match self.rx.wait_for(|v| v.is_some()).await {
+            Ok(v) => v.clone().flatten(),
+            Err(_) => None,
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Replies to clients: ID and question echo, TTL ageing, truncation, error replies.
+//!
+//! An answer that may be given to more than one client (a cache entry, or a result shared by
+//! coalesced queries) is kept as a [`Prepared`] message: wire bytes plus the offsets of every
+//! TTL. Serving it is one copy and a few in-place patches — the client's ID, the client's exact
+//! question bytes (so 0x20 case randomisation survives, RFC 5452 section 9.3), and TTLs counted
+//! down by the entry's age — with no parse and no allocation beyond the reply buffer.
+
+use crate::wire::{self, Header, Query, RecordPos, HEADER_LEN};
+
+/// RFC 8914's recommended and DNS Flag Day 2020's UDP payload limit: the largest UDP reply
+/// flatdns sends, whatever size the client advertises (R16).
+pub const DEFAULT_UDP_CAP: usize = 1232;
+
+/// EDNS values flatdns puts in an OPT record it writes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptFields {
+    pub udp_size: u16,
+    /// The TTL field: extended rcode, version, flags.
+    pub ttl: u32,
+}
+
+/// An answer ready to be served to any client whose query has the same cache key.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    wire: Box<[u8]>,
+    ttl_offsets: Box<[u16]>,
+    question_end: u16,
+    opt: Option<OptFields>,
+}
+
+impl Prepared {
+    /// Prepares a reply for sharing. Options that belong to one client — COOKIE (RFC 7873)
+    /// and ECS (RFC 7871) — are removed so they are never replayed to another (R24); every
+    /// TTL passes through `ttl_fix`. Returns `None` for a reply that cannot be scanned or
+    /// whose OPT cannot be rewritten safely (OPT not the last record).
+    pub fn new(reply: &[u8], ttl_fix: impl Fn(u32) -> u32) -> Option<Prepared> {
+        let mut records: Vec<RecordPos> = Vec::new();
+        let question_end = wire::walk_records(reply, |r| records.push(r.clone())).ok()?;
+        let mut wire_bytes = reply.to_vec();
+        let mut opt = None;
+        if let Some(idx) = records.iter().position(|r| r.rtype == wire::TYPE_OPT) {
+            let r = &records[idx];
+            opt = Some(OptFields {
+                udp_size: r.class,
+                ttl: r.ttl(reply),
+            });
+            let rdata = &reply[r.rdata.clone()];
+            let opts = wire::options(rdata).ok()?;
+            if opts
+                .iter()
+                .any(|(c, _)| *c == wire::OPT_COOKIE || *c == wire::OPT_ECS)
+            {
+                if idx + 1 != records.len() {
+                    return None;
+                }
+                let mut kept = Vec::with_capacity(rdata.len());
+                for (code, range) in &opts {
+                    if *code != wire::OPT_COOKIE && *code != wire::OPT_ECS {
+                        kept.extend_from_slice(&rdata[range.clone()]);
+                    }
+                }
+                wire_bytes.truncate(r.rdata.start - 2);
+                wire_bytes.extend_from_slice(&(kept.len() as u16).to_be_bytes());
+                wire_bytes.extend_from_slice(&kept);
+            }
+        }
+        let mut ttl_offsets = Vec::with_capacity(records.len());
+        for r in records.iter().filter(|r| r.rtype != wire::TYPE_OPT) {
+            let ttl = ttl_fix(r.ttl(reply));
+            wire::put_u32(&mut wire_bytes, r.ttl_pos, ttl);
+            ttl_offsets.push(u16::try_from(r.ttl_pos).ok()?);
+        }
+        Some(Prepared {
+            wire: wire_bytes.into_boxed_slice(),
+            ttl_offsets: ttl_offsets.into_boxed_slice(),
+            question_end: u16::try_from(question_end).ok()?,
+            opt,
+        })
+    }
+
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+    pub fn header(&self) -> Header {
+        // A Prepared message always has a full header (walk_records checked it).
+        Header::read(&self.wire).unwrap_or(Header {
+            id: 0,
+            flags: 0,
+            qdcount: 0,
+            ancount: 0,
+            nscount: 0,
+            arcount: 0,
+        })
+    }
+    pub fn len(&self) -> usize {
+        self.wire.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.wire.is_empty()
+    }
+    /// Approximate heap footprint, for a byte-bounded cache weigher.
+    pub fn footprint(&self) -> usize {
+        self.wire.len() + 2 * self.ttl_offsets.len() + std::mem::size_of::<Self>()
+    }
+    /// The smallest TTL in the message (after `ttl_fix`), if it has records.
+    pub fn min_ttl(&self) -> Option<u32> {
+        self.ttl_offsets
+            .iter()
+            .filter_map(|&o| wire::u32_at(&self.wire, o as usize))
+            .min()
+    }
+
+    /// Writes this answer for a client: its ID, its question bytes, TTLs aged by `age_secs`;
+    /// a truncated reply (TC=1, question only) when longer than `limit`.
+    ///
+    /// Returns false when the stored question does not line up with the client's (not the
+    /// same name length): the caller treats that as a miss rather than send a wrong question.
+    pub fn render(
+        &self,
+        id: u16,
+        question: &[u8],
+        age_secs: u32,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        if HEADER_LEN + question.len() != self.question_end as usize {
+            return false;
+        }
+        out.clear();
+        if self.wire.len() > limit {
+            truncated(id, self.header().flags, question, self.opt, out);
+            return true;
+        }
+        out.extend_from_slice(&self.wire);
+        wire::put_u16(out, 0, id);
+        out[HEADER_LEN..self.question_end as usize].copy_from_slice(question);
+        if age_secs > 0 {
+            for &off in self.ttl_offsets.iter() {
+                let off = off as usize;
+                let ttl = wire::u32_at(out, off).unwrap_or(0);
+                wire::put_u32(out, off, ttl.saturating_sub(age_secs));
+            }
+        }
+        true
+    }
+}
+
+/// The TTL rules applied to every record before it is cached or shared (R6): a TTL with the
+/// top bit set counts as 0 (RFC 2181 section 8), then it is clamped into `[min, max]`.
+pub fn clamp_ttl(ttl: u32, min: u32, max: u32) -> u32 {
+    let ttl = if ttl & 0x8000_0000 != 0 { 0 } else { ttl };
+    ttl.clamp(min, max.max(min))
+}
+
+/// Sends a reply that is too long for UDP as TC=1 with the question only (RFC 2181 9,
+/// RFC 6891 7), so the client retries over TCP. The OPT is written afresh without options.
+pub fn truncated(id: u16, flags: u16, question: &[u8], opt: Option<OptFields>, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&(flags | wire::FLAG_TC | wire::FLAG_QR).to_be_bytes());
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(opt.is_some())]);
+    out.extend_from_slice(question);
+    if let Some(o) = opt {
+        push_opt(out, o);
+    }
+}
+
+fn push_opt(out: &mut Vec<u8>, o: OptFields) {
+    out.push(0);
+    out.extend_from_slice(&wire::TYPE_OPT.to_be_bytes());
+    out.extend_from_slice(&o.udp_size.to_be_bytes());
+    out.extend_from_slice(&o.ttl.to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+}
+
+/// Fits a reply received from the upstream for one client: the client's ID, and TC=1 with
+/// the question only when it exceeds `limit`. Everything else stays byte-identical (F5).
+pub fn passthrough(reply: &[u8], id: u16, question: &[u8], limit: usize, out: &mut Vec<u8>) {
+    out.clear();
+    if reply.len() > limit {
+        let flags = wire::u16_at(reply, 2).unwrap_or(wire::FLAG_QR);
+        let opt = opt_of(reply);
+        truncated(id, flags, question, opt, out);
+        return;
+    }
+    out.extend_from_slice(reply);
+    wire::put_u16(out, 0, id);
+}
+
+/// The OPT fields of a message, if it has one and can be scanned.
+pub fn opt_of(msg: &[u8]) -> Option<OptFields> {
+    let mut opt = None;
+    wire::walk_records(msg, |r| {
+        if r.rtype == wire::TYPE_OPT && opt.is_none() {
+            opt = Some(OptFields {
+                udp_size: r.class,
+                ttl: r.ttl(msg),
+            });
+        }
+    })
+    .ok()?;
+    opt
+}
+
+/// The OPT flatdns writes in replies it makes itself: our UDP size, version 0, the client's
+/// DO bit echoed (RFC 3225), other flags and options not echoed (RFC 6891 6.1.4).
+pub fn own_opt(q: &Query<'_>, ext_rcode: u8) -> Option<OptFields> {
+    q.edns.map(|e| OptFields {
+        udp_size: DEFAULT_UDP_CAP as u16,
+        ttl: (u32::from(ext_rcode) << 24) | (u32::from(e.flags) & wire::EDNS_DO),
+    })
+}
+
+/// An error reply (FORMERR, SERVFAIL, REFUSED, NOTIMP, BADVERS) with the client's question.
+///
+/// Copies opcode, RD and CD from the query; RA is set when recursion was asked for, because
+/// flatdns serves recursion on behalf of its upstreams. `question` is `None` when the query's
+/// question could not be read (FORMERR with QDCOUNT 0).
+pub fn error(
+    id: u16,
+    query_flags: u16,
+    question: Option<&[u8]>,
+    rcode: u8,
+    opt: Option<OptFields>,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    let mut flags = wire::FLAG_QR | (query_flags & (0x7800 | wire::FLAG_RD | wire::FLAG_CD));
+    if query_flags & wire::FLAG_RD != 0 {
+        flags |= wire::FLAG_RA;
+    }
+    flags |= u16::from(rcode & 0x0f);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&[
+        0,
+        u8::from(question.is_some()),
+        0,
+        0,
+        0,
+        0,
+        0,
+        u8::from(opt.is_some()),
+    ]);
+    if let Some(q) = question {
+        out.extend_from_slice(q);
+    }
+    if let Some(o) = opt {
+        push_opt(out, o);
+    }
+}
+
+/// Error reply for a scanned query.
+pub fn error_for(q: &Query<'_>, rcode: u8, out: &mut Vec<u8>) {
+    error(
+        q.id(),
+        q.header.flags,
+        Some(q.question()),
+        rcode,
+        own_opt(q, 0),
+        out,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// www.example. A 192.0.2.1 TTL 300 with an OPT carrying a cookie.
+    fn reply() -> Vec<u8> {
+        let mut m = vec![0xab, 0xcd, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 1];
+        m.extend_from_slice(b"\x03www\x07example\x00\x00\x01\x00\x01");
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 192, 0, 2, 1]);
+        m.extend_from_slice(&[0, 0, 41, 4, 208, 0, 0, 0, 0, 0, 12, 0, 10, 0, 8]);
+        m.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        m
+    }
+
+    #[test]
+    fn render_patches_id_question_and_ttl() {
+        let p = Prepared::new(&reply(), |t| clamp_ttl(t, 0, 86400)).unwrap();
+        // Cookie stripped: OPT rdlen now 0.
+        assert_eq!(&p.wire()[p.len() - 2..], &[0, 0]);
+        let mut out = Vec::new();
+        let q = b"\x03WwW\x07exAMple\x00\x00\x01\x00\x01";
+        assert!(p.render(7, q, 100, 1232, &mut out));
+        assert_eq!(&out[0..2], &[0, 7]);
+        assert_eq!(&out[12..12 + q.len()], q);
+        let ttl_pos = 12 + q.len() + 6;
+        assert_eq!(wire::u32_at(&out, ttl_pos), Some(200));
+        // Older than the TTL: zero, never wrapped.
+        assert!(p.render(7, q, 1000, 1232, &mut out));
+        assert_eq!(wire::u32_at(&out, ttl_pos), Some(0));
+    }
+
+    #[test]
+    fn render_truncates_over_limit() {
+        let p = Prepared::new(&reply(), |t| t).unwrap();
+        let mut out = Vec::new();
+        let q = &reply()[12..29];
+        assert!(p.render(1, q, 0, 40, &mut out));
+        let h = Header::read(&out).unwrap();
+        assert!(h.has(wire::FLAG_TC));
+        assert_eq!((h.qdcount, h.ancount, h.arcount), (1, 0, 1));
+        assert_eq!(out.len(), 12 + q.len() + 11);
+    }
+
+    #[test]
+    fn ttl_top_bit_counts_as_zero() {
+        assert_eq!(clamp_ttl(0x8000_0001, 0, 86400), 0);
+        assert_eq!(clamp_ttl(1_000_000, 0, 86400), 86400);
+        assert_eq!(clamp_ttl(5, 30, 86400), 30);
+    }
+}

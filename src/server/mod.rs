@@ -1,0 +1,160 @@
+//! Client-facing sockets. `udp.rs` and `tcp.rs` are the only code that touches them.
+//!
+//! [`start`] binds every listen address for UDP and TCP (on the same port: with port 0 the
+//! UDP port is chosen first and TCP binds to it too) and spawns one task per socket.
+//! [`Running::shutdown`] stops the listeners and waits for in-flight queries.
+
+mod tcp;
+mod udp;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::handler::Handler;
+use crate::shutdown::{self, Trigger};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} ({proto}): permission denied. Ports below 1024 need root or CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep /path/to/flatdns); or use an unprivileged port, e.g. --listen 127.0.0.1:5353")]
+    Privileged {
+        addr: SocketAddr,
+        proto: &'static str,
+    },
+    #[error("cannot listen on {addr} ({proto}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        proto: &'static str,
+        source: io::Error,
+    },
+}
+
+fn bind_error(addr: SocketAddr, proto: &'static str, e: io::Error) -> ServerError {
+    if e.kind() == io::ErrorKind::PermissionDenied {
+        ServerError::Privileged { addr, proto }
+    } else {
+        ServerError::Bind {
+            addr,
+            proto,
+            source: e,
+        }
+    }
+}
+
+fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    if addr.is_ipv6() {
+        // [::] must not take IPv4 too, so 0.0.0.0 and [::] can both be listed.
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = socket(addr, Type::DGRAM, Protocol::UDP)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = socket(addr, Type::STREAM, Protocol::TCP)?;
+    // Restart without waiting out TIME_WAIT connections of the previous process.
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Binds UDP and TCP on `addr`; with port 0, both end up on one kernel-chosen port.
+fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), ServerError> {
+    for _ in 0..20 {
+        let udp = bind_udp(addr).map_err(|e| bind_error(addr, "udp", e))?;
+        let actual = udp.local_addr().map_err(|e| bind_error(addr, "udp", e))?;
+        match bind_tcp(actual) {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(bind_error(actual, "tcp", e)),
+        }
+    }
+    Err(bind_error(
+        addr,
+        "tcp",
+        io::Error::from(io::ErrorKind::AddrInUse),
+    ))
+}
+
+/// A started server.
+pub struct Running {
+    addrs: Vec<SocketAddr>,
+    handler: Arc<Handler>,
+    trigger: Trigger,
+    tracker: TaskTracker,
+}
+
+/// Binds every listen address and starts serving. Must be called inside a tokio runtime.
+pub async fn start(config: Config) -> Result<Running, ServerError> {
+    let mut bound = Vec::new();
+    for &addr in &config.listen {
+        bound.push(bind_pair(addr)?);
+    }
+    let handler = Arc::new(Handler::new(config));
+    let (trigger, shutdown) = shutdown::channel();
+    let tracker = TaskTracker::new();
+    let mut addrs = Vec::new();
+    for (udp, tcp) in bound {
+        if let Ok(a) = udp.local_addr() {
+            addrs.push(a);
+        }
+        tracker.spawn(udp::serve(
+            Arc::new(udp),
+            handler.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(tcp::serve(
+            tcp,
+            handler.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    Ok(Running {
+        addrs,
+        handler,
+        trigger,
+        tracker,
+    })
+}
+
+impl Running {
+    /// The bound addresses (UDP and TCP share each one).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    pub fn handler(&self) -> &Arc<Handler> {
+        &self.handler
+    }
+
+    /// Stops accepting, then waits up to `grace` for queries in flight to be answered.
+    pub async fn shutdown(self, grace: Duration) {
+        self.trigger.fire();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("shutdown: queries still in flight after {grace:?}, exiting anyway");
+        } else {
+            info!("shutdown complete");
+        }
+    }
+}

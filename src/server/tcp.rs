@@ -1,0 +1,215 @@
+//! TCP listener per RFC 7766: 2-octet length framing, pipelined queries handled concurrently
+//! and answered in the order they complete, and the limits of R12/R13:
+//!
+//! - at most `tcp_connections` connections, `tcp_per_client` per address (over the cap the
+//!   connection is closed at once; UDP is unaffected);
+//! - idle timeout between messages, a deadline for a started message to complete (so a client
+//!   trickling one byte at a time cannot hold a connection), a write timeout (so a client that
+//!   never reads cannot either);
+//! - at most `tcp_pipeline` queries in flight per connection; past that, reading pauses.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::timeout;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error};
+
+use crate::config::Limits;
+use crate::handler::{Fast, Handler, Transport};
+use crate::shutdown::Shutdown;
+
+/// Counts connections per client address; the guard gives its slot back on drop.
+#[derive(Default)]
+struct PerClient(Mutex<HashMap<IpAddr, usize>>);
+
+struct ClientSlot {
+    table: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    fn acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.ip);
+            }
+        }
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    handler: Arc<Handler>,
+    mut shutdown: Shutdown,
+    tracker: TaskTracker,
+) {
+    let limits = handler.config().limits.clone();
+    let conns = Arc::new(Semaphore::new(limits.tcp_connections));
+    let per_client = Arc::new(PerClient::default());
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.recv() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE/ENFILE and aborted handshakes are per-connection trouble: back off
+                    // briefly instead of spinning, and keep listening.
+                    debug!(error = %e, "tcp accept");
+                    if !matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            debug!(%peer, "tcp connection limit reached");
+            continue;
+        };
+        let Some(slot) = per_client.acquire(peer.ip(), limits.tcp_per_client) else {
+            debug!(%peer, "per-client tcp connection limit reached");
+            continue;
+        };
+        let ctx = Conn {
+            handler: handler.clone(),
+            limits: limits.clone(),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+            peer,
+        };
+        tracker.spawn(async move {
+            ctx.run(stream).await;
+            drop((permit, slot));
+        });
+    }
+}
+
+struct Conn {
+    handler: Arc<Handler>,
+    limits: Limits,
+    tracker: TaskTracker,
+    shutdown: Shutdown,
+    peer: SocketAddr,
+}
+
+impl Conn {
+    async fn run(mut self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let (mut rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(self.limits.tcp_pipeline);
+        let writer = tokio::spawn(write_loop(wr, rx, self.limits.tcp_write_timeout));
+        let pipeline = Arc::new(Semaphore::new(self.limits.tcp_pipeline));
+        let mut out = Vec::new();
+        loop {
+            let msg = tokio::select! {
+                _ = self.shutdown.recv() => break,
+                _ = tx.closed() => break,
+                m = read_message(&mut rd, self.limits.tcp_idle_timeout, self.limits.tcp_message_timeout) => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            match self
+                .handler
+                .answer_fast(&msg, self.peer, Transport::Tcp, &mut out)
+            {
+                Fast::Reply => {
+                    if tx.send(std::mem::take(&mut out)).await.is_err() {
+                        break;
+                    }
+                }
+                Fast::Drop => {}
+                Fast::Miss => {
+                    let Ok(permit) = pipeline.clone().acquire_owned().await else {
+                        break;
+                    };
+                    self.spawn_query(msg, tx.clone(), permit);
+                }
+            }
+        }
+        // Queries still running hold clones of `tx`; the writer ends after their replies.
+        drop(tx);
+        let _ = writer.await;
+    }
+
+    fn spawn_query(&self, msg: Vec<u8>, tx: mpsc::Sender<Vec<u8>>, permit: OwnedSemaphorePermit) {
+        let (handler, peer) = (self.handler.clone(), self.peer);
+        self.tracker.spawn(async move {
+            if let Some(reply) = handler.answer(Bytes::from(msg), peer, Transport::Tcp).await {
+                let _ = tx.send(reply).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Reads one length-prefixed message: the first octet may take up to `idle`, the rest of the
+/// message must follow within `complete`. `None` on EOF, timeout or error.
+async fn read_message(
+    rd: &mut OwnedReadHalf,
+    idle: Duration,
+    complete: Duration,
+) -> Option<Vec<u8>> {
+    let first = timeout(idle, rd.read_u8()).await.ok()?.ok()?;
+    timeout(complete, async {
+        let second = rd.read_u8().await?;
+        let len = u16::from_be_bytes([first, second]) as usize;
+        let mut msg = vec![0u8; len];
+        rd.read_exact(&mut msg).await?;
+        Ok::<_, io::Error>(msg)
+    })
+    .await
+    .ok()?
+    .ok()
+}
+
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    write_timeout: Duration,
+) {
+    let mut framed = Vec::with_capacity(4096);
+    while let Some(msg) = rx.recv().await {
+        let Ok(len) = u16::try_from(msg.len()) else {
+            error!(len = msg.len(), "reply too long for TCP framing");
+            continue;
+        };
+        framed.clear();
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&msg);
+        match timeout(write_timeout, wr.write_all(&framed)).await {
+            Ok(Ok(())) => {}
+            _ => {
+                debug!("tcp write failed or timed out; closing");
+                break;
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}

@@ -1,0 +1,194 @@
+//! The only code that talks to nameservers: UDP with TC->TCP fallback, TCP, timeouts and
+//! failover.
+//!
+//! Anti-spoofing follows RFC 5452: every attempt uses a fresh random 16-bit ID and a fresh
+//! socket, bound to port 0 so the kernel picks a random ephemeral source port, and connected
+//! to the server so the kernel itself drops datagrams from any other address. A reply is
+//! accepted only if its ID, QR bit, opcode and question (name compared without case, type,
+//! class) match the query and the whole message scans; anything else is discarded and the wait
+//! goes on until the attempt's deadline (R3).
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::time::{timeout_at, Instant};
+use tracing::debug;
+
+use crate::wire::{self, Header, HEADER_LEN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no answer before the deadline")]
+    Timeout,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("TCP reply did not match the query")]
+    Mismatch,
+}
+
+/// A set of nameservers asked in order, one attempt each, at most `attempts` in all.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    servers: Vec<SocketAddr>,
+    timeout: Duration,
+    attempts: usize,
+}
+
+impl Upstream {
+    pub fn new(servers: Vec<SocketAddr>, timeout: Duration, attempts: usize) -> Upstream {
+        Upstream {
+            servers,
+            timeout,
+            attempts: attempts.max(1),
+        }
+    }
+
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.servers
+    }
+
+    /// Sends `query` (any ID; a fresh one is set per attempt) and returns the first matching
+    /// reply, with the upstream's ID still in it.
+    ///
+    /// Attempt k goes to server k (wrapping), each bounded by the per-attempt timeout and by
+    /// `deadline`. A timeout, network error or SERVFAIL/REFUSED moves on to the next attempt;
+    /// when every attempt failed, the last SERVFAIL/REFUSED reply is returned if there was one.
+    pub async fn query(
+        &self,
+        query: &[u8],
+        tcp: bool,
+        deadline: Instant,
+    ) -> Result<Bytes, UpstreamError> {
+        let mut last_err = UpstreamError::Timeout;
+        let mut fallback = None;
+        if self.servers.is_empty() {
+            return Err(last_err);
+        }
+        for attempt in 0..self.attempts {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let server = self.servers[attempt % self.servers.len()];
+            let until = (now + self.timeout).min(deadline);
+            let result = match timeout_at(until, exchange(server, query, tcp)).await {
+                Ok(r) => r,
+                Err(_) => Err(UpstreamError::Timeout),
+            };
+            match result {
+                Ok(reply) => {
+                    let rcode = reply[3] & 0x0f;
+                    let failed = rcode == wire::RCODE_SERVFAIL || rcode == wire::RCODE_REFUSED;
+                    if failed && attempt + 1 < self.attempts && self.servers.len() > 1 {
+                        debug!(%server, rcode, "upstream failure reply, trying the next");
+                        fallback = Some(reply);
+                        continue;
+                    }
+                    return Ok(reply);
+                }
+                Err(e) => {
+                    debug!(%server, error = %e, "upstream attempt failed");
+                    last_err = e;
+                }
+            }
+        }
+        fallback.ok_or(last_err)
+    }
+}
+
+/// One attempt: UDP (then TCP if truncated), or TCP directly.
+async fn exchange(server: SocketAddr, query: &[u8], tcp: bool) -> Result<Bytes, UpstreamError> {
+    let mut msg = query.to_vec();
+    wire::put_u16(&mut msg, 0, rand::random::<u16>());
+    if tcp {
+        return tcp_exchange(server, &msg).await;
+    }
+    let reply = udp_exchange(server, &msg).await?;
+    if Header::read(&reply).is_some_and(|h| h.has(wire::FLAG_TC)) {
+        debug!(%server, "truncated over UDP, retrying over TCP");
+        // Same attempt, same deadline; a fresh ID for the new transport.
+        wire::put_u16(&mut msg, 0, rand::random::<u16>());
+        return match tcp_exchange(server, &msg).await {
+            Ok(full) => Ok(full),
+            // TCP failed: pass the truncated reply on (it is never cached).
+            Err(e) => {
+                debug!(%server, error = %e, "TCP retry failed, passing TC on");
+                Ok(reply)
+            }
+        };
+    }
+    Ok(reply)
+}
+
+async fn udp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamError> {
+    let bind: SocketAddr = if server.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(bind).await?;
+    sock.connect(server).await?;
+    sock.send(msg).await?;
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let n = sock.recv(&mut buf).await?;
+        if matches(msg, &buf[..n]) {
+            buf.truncate(n);
+            return Ok(Bytes::from(buf));
+        }
+        debug!(%server, len = n, "discarded a reply that does not match the query");
+    }
+}
+
+async fn tcp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamError> {
+    let mut s = TcpStream::connect(server).await?;
+    s.set_nodelay(true)?;
+    let len = u16::try_from(msg.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut framed = Vec::with_capacity(msg.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(msg);
+    s.write_all(&framed).await?;
+    let n = s.read_u16().await? as usize;
+    let mut reply = vec![0u8; n];
+    s.read_exact(&mut reply).await?;
+    // Nothing else was asked on this connection: a reply that does not match means a
+    // confused or hostile server, not a late answer to wait past.
+    if !matches(msg, &reply) {
+        return Err(UpstreamError::Mismatch);
+    }
+    Ok(Bytes::from(reply))
+}
+
+/// Whether `reply` answers `query` (RFC 5452 section 9.1) and scans as a whole message.
+pub fn matches(query: &[u8], reply: &[u8]) -> bool {
+    let (Some(q), Some(r)) = (Header::read(query), Header::read(reply)) else {
+        return false;
+    };
+    if r.id != q.id
+        || !r.has(wire::FLAG_QR)
+        || r.opcode() != q.opcode()
+        || r.qdcount != 1
+        || q.qdcount != 1
+    {
+        return false;
+    }
+    let Ok(name_end) = wire::skip_name(query, HEADER_LEN) else {
+        return false;
+    };
+    // Name without case (0x20 randomisation upstream of us is allowed), type and class exact.
+    let (Some(rn), Some(rtc), Some(qtc)) = (
+        reply.get(HEADER_LEN..name_end),
+        reply.get(name_end..name_end + 4),
+        query.get(name_end..name_end + 4),
+    ) else {
+        return false;
+    };
+    if !wire::name_eq(rn, &query[HEADER_LEN..name_end]) || rtc != qtc {
+        return false;
+    }
+    wire::walk_records(reply, |_| {}).is_ok()
+}

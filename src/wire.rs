@@ -1,0 +1,483 @@
+//! Wire-format scanning for the hot path.
+//!
+//! A cache hit must not pay for a full parse (see `cache.rs`), so the few facts the hot path
+//! needs — the question, the OPT record, where every TTL sits — are read here straight off the
+//! bytes. Everything is bounds-checked and linear: names are *skipped* (a compression pointer
+//! ends a name, it is never followed), so a hostile message cannot make this loop or over-read
+//! (R20). Code that needs names decompressed (flattening) uses the `domain` crate instead.
+
+use std::ops::Range;
+
+/// Length of the fixed DNS header (RFC 1035 section 4.1.1).
+pub const HEADER_LEN: usize = 12;
+/// Longest name on the wire (RFC 1035 section 2.3.4).
+pub const MAX_NAME_LEN: usize = 255;
+
+pub const TYPE_A: u16 = 1;
+pub const TYPE_CNAME: u16 = 5;
+pub const TYPE_SOA: u16 = 6;
+pub const TYPE_AAAA: u16 = 28;
+pub const TYPE_OPT: u16 = 41;
+pub const TYPE_RRSIG: u16 = 46;
+pub const TYPE_ANY: u16 = 255;
+pub const CLASS_IN: u16 = 1;
+
+pub const OPCODE_QUERY: u8 = 0;
+
+pub const RCODE_NOERROR: u8 = 0;
+pub const RCODE_FORMERR: u8 = 1;
+pub const RCODE_SERVFAIL: u8 = 2;
+pub const RCODE_NXDOMAIN: u8 = 3;
+pub const RCODE_NOTIMP: u8 = 4;
+pub const RCODE_REFUSED: u8 = 5;
+/// BADVERS is extended rcode 16: 1 in the OPT's upper bits, 0 in the header.
+pub const EXT_RCODE_BADVERS: u8 = 1;
+
+pub const OPT_ECS: u16 = 8;
+pub const OPT_COOKIE: u16 = 10;
+
+// Header flag bits (second and third octet as one u16).
+pub const FLAG_QR: u16 = 0x8000;
+pub const FLAG_AA: u16 = 0x0400;
+pub const FLAG_TC: u16 = 0x0200;
+pub const FLAG_RD: u16 = 0x0100;
+pub const FLAG_RA: u16 = 0x0080;
+pub const FLAG_AD: u16 = 0x0020;
+pub const FLAG_CD: u16 = 0x0010;
+/// DO bit in the OPT record's TTL field (RFC 3225).
+pub const EDNS_DO: u32 = 0x0000_8000;
+
+/// Why a message could not be scanned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("message shorter than its contents claim")]
+    Short,
+    #[error("bad label or name")]
+    BadName,
+    #[error("more than one OPT record or OPT not at the root")]
+    BadOpt,
+}
+
+#[inline]
+pub fn u16_at(b: &[u8], pos: usize) -> Option<u16> {
+    let s = b.get(pos..pos.checked_add(2)?)?;
+    Some(u16::from_be_bytes([s[0], s[1]]))
+}
+
+#[inline]
+pub fn u32_at(b: &[u8], pos: usize) -> Option<u32> {
+    let s = b.get(pos..pos.checked_add(4)?)?;
+    Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+#[inline]
+pub fn put_u16(b: &mut [u8], pos: usize, v: u16) {
+    if let Some(s) = b.get_mut(pos..pos + 2) {
+        s.copy_from_slice(&v.to_be_bytes());
+    }
+}
+
+#[inline]
+pub fn put_u32(b: &mut [u8], pos: usize, v: u32) {
+    if let Some(s) = b.get_mut(pos..pos + 4) {
+        s.copy_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// Header fields of a message at least [`HEADER_LEN`] long.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    pub id: u16,
+    pub flags: u16,
+    pub qdcount: u16,
+    pub ancount: u16,
+    pub nscount: u16,
+    pub arcount: u16,
+}
+
+impl Header {
+    pub fn read(b: &[u8]) -> Option<Header> {
+        if b.len() < HEADER_LEN {
+            return None;
+        }
+        Some(Header {
+            id: u16_at(b, 0)?,
+            flags: u16_at(b, 2)?,
+            qdcount: u16_at(b, 4)?,
+            ancount: u16_at(b, 6)?,
+            nscount: u16_at(b, 8)?,
+            arcount: u16_at(b, 10)?,
+        })
+    }
+    pub fn opcode(&self) -> u8 {
+        ((self.flags >> 11) & 0x0f) as u8
+    }
+    pub fn rcode(&self) -> u8 {
+        (self.flags & 0x000f) as u8
+    }
+    pub fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// Returns the offset just past the name starting at `pos`, without following pointers.
+///
+/// Rejects labels over 63 octets (the 0x40/0x80 label types are unassigned or obsolete) and
+/// names whose uncompressed part exceeds 255 octets.
+pub fn skip_name(msg: &[u8], mut pos: usize) -> Result<usize, WireError> {
+    let mut len = 0usize;
+    loop {
+        let b = *msg.get(pos).ok_or(WireError::Short)?;
+        match b & 0xc0 {
+            0x00 if b == 0 => return Ok(pos + 1),
+            0x00 => {
+                len += b as usize + 1;
+                if len + 1 > MAX_NAME_LEN {
+                    return Err(WireError::BadName);
+                }
+                pos += b as usize + 1;
+            }
+            0xc0 => {
+                if pos + 2 > msg.len() {
+                    return Err(WireError::Short);
+                }
+                return Ok(pos + 2);
+            }
+            _ => return Err(WireError::BadName),
+        }
+    }
+}
+
+/// Like [`skip_name`] for a name that must not be compressed (the question of a query).
+fn skip_plain_name(msg: &[u8], pos: usize) -> Result<usize, WireError> {
+    let end = skip_name(msg, pos)?;
+    // A compressed name ends in a pointer (two octets, top bits set): its last octet is not 0.
+    if msg[end - 1] != 0 {
+        return Err(WireError::BadName);
+    }
+    Ok(end)
+}
+
+/// Which section a record sits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Answer,
+    Authority,
+    Additional,
+}
+
+/// Where one resource record sits in a message.
+#[derive(Debug, Clone)]
+pub struct RecordPos {
+    pub section: Section,
+    pub start: usize,
+    pub rtype: u16,
+    pub class: u16,
+    /// Offset of the 32-bit TTL field.
+    pub ttl_pos: usize,
+    pub rdata: Range<usize>,
+}
+
+impl RecordPos {
+    pub fn ttl(&self, msg: &[u8]) -> u32 {
+        u32_at(msg, self.ttl_pos).unwrap_or(0)
+    }
+    pub fn end(&self) -> usize {
+        self.rdata.end
+    }
+}
+
+/// Walks every record after the question section, calling `f` for each.
+///
+/// Returns the offset just past the question section (`qdcount` questions). Fails when the
+/// counts claim more than the data holds or a name is malformed.
+pub fn walk_records(msg: &[u8], mut f: impl FnMut(&RecordPos)) -> Result<usize, WireError> {
+    let h = Header::read(msg).ok_or(WireError::Short)?;
+    let mut pos = HEADER_LEN;
+    for _ in 0..h.qdcount {
+        pos = skip_name(msg, pos)? + 4;
+        if pos > msg.len() {
+            return Err(WireError::Short);
+        }
+    }
+    let question_end = pos;
+    let sections = [
+        (Section::Answer, h.ancount),
+        (Section::Authority, h.nscount),
+        (Section::Additional, h.arcount),
+    ];
+    for (section, count) in sections {
+        for _ in 0..count {
+            let start = pos;
+            let fixed = skip_name(msg, pos)?;
+            let rtype = u16_at(msg, fixed).ok_or(WireError::Short)?;
+            let class = u16_at(msg, fixed + 2).ok_or(WireError::Short)?;
+            let rdlen = u16_at(msg, fixed + 8).ok_or(WireError::Short)? as usize;
+            let rdata = fixed + 10..fixed + 10 + rdlen;
+            if rdata.end > msg.len() {
+                return Err(WireError::Short);
+            }
+            pos = rdata.end;
+            f(&RecordPos {
+                section,
+                start,
+                rtype,
+                class,
+                ttl_pos: fixed + 4,
+                rdata,
+            });
+        }
+    }
+    Ok(question_end)
+}
+
+/// The OPT pseudo-record of a message (RFC 6891).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Edns {
+    pub udp_size: u16,
+    pub ext_rcode: u8,
+    pub version: u8,
+    /// The 16 flag bits (DO is the top one).
+    pub flags: u16,
+    pub has_ecs: bool,
+    pub has_cookie: bool,
+}
+
+impl Edns {
+    fn from_record(msg: &[u8], r: &RecordPos) -> Result<Edns, WireError> {
+        // Owner must be the root name (a single zero octet).
+        if msg.get(r.start) != Some(&0) || r.ttl_pos != r.start + 5 {
+            return Err(WireError::BadOpt);
+        }
+        let ttl = r.ttl(msg);
+        let mut e = Edns {
+            udp_size: r.class,
+            ext_rcode: (ttl >> 24) as u8,
+            version: (ttl >> 16) as u8,
+            flags: ttl as u16,
+            has_ecs: false,
+            has_cookie: false,
+        };
+        for (code, _) in options(&msg[r.rdata.clone()])? {
+            match code {
+                OPT_ECS => e.has_ecs = true,
+                OPT_COOKIE => e.has_cookie = true,
+                _ => {}
+            }
+        }
+        Ok(e)
+    }
+
+    pub fn do_bit(&self) -> bool {
+        u32::from(self.flags) & EDNS_DO != 0
+    }
+}
+
+/// Splits OPT rdata into `(code, range of the whole option)` pairs; fails on a cut option.
+pub fn options(rdata: &[u8]) -> Result<Vec<(u16, Range<usize>)>, WireError> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < rdata.len() {
+        let code = u16_at(rdata, pos).ok_or(WireError::BadOpt)?;
+        let len = u16_at(rdata, pos + 2).ok_or(WireError::BadOpt)? as usize;
+        let end = pos + 4 + len;
+        if end > rdata.len() {
+            return Err(WireError::BadOpt);
+        }
+        out.push((code, pos..end));
+        pos = end;
+    }
+    Ok(out)
+}
+
+/// A client query, scanned but not copied.
+#[derive(Debug, Clone)]
+pub struct Query<'a> {
+    pub wire: &'a [u8],
+    pub header: Header,
+    /// End of the question name; the name is `wire[12..qname_end]`, uncompressed.
+    pub qname_end: usize,
+    pub qtype: u16,
+    pub qclass: u16,
+    pub edns: Option<Edns>,
+}
+
+/// Why a client query is not answered normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryError {
+    /// No header, or QR=1: answering could feed a reflection loop, so drop it silently.
+    Drop,
+    /// Malformed: reply FORMERR. `question_ok` tells whether the question can be echoed.
+    FormErr { question_ok: bool },
+}
+
+impl<'a> Query<'a> {
+    /// Scans a client query: header, exactly one question, and the OPT record if any.
+    pub fn parse(wire: &'a [u8]) -> Result<Query<'a>, QueryError> {
+        let header = Header::read(wire).ok_or(QueryError::Drop)?;
+        if header.has(FLAG_QR) {
+            return Err(QueryError::Drop);
+        }
+        if header.qdcount != 1 {
+            return Err(QueryError::FormErr { question_ok: false });
+        }
+        let bad = QueryError::FormErr { question_ok: false };
+        let qname_end = skip_plain_name(wire, HEADER_LEN).map_err(|_| bad)?;
+        let qtype = u16_at(wire, qname_end).ok_or(bad)?;
+        let qclass = u16_at(wire, qname_end + 2).ok_or(bad)?;
+        let mut edns = None;
+        let mut opt_err = false;
+        let walked = walk_records(wire, |r| {
+            if r.rtype == TYPE_OPT {
+                if r.section != Section::Additional || edns.is_some() {
+                    opt_err = true;
+                } else {
+                    match Edns::from_record(wire, r) {
+                        Ok(e) => edns = Some(e),
+                        Err(_) => opt_err = true,
+                    }
+                }
+            }
+        });
+        if walked.is_err() || opt_err {
+            return Err(QueryError::FormErr { question_ok: true });
+        }
+        Ok(Query {
+            wire,
+            header,
+            qname_end,
+            qtype,
+            qclass,
+            edns,
+        })
+    }
+
+    pub fn id(&self) -> u16 {
+        self.header.id
+    }
+    pub fn question_end(&self) -> usize {
+        self.qname_end + 4
+    }
+    /// The question section exactly as the client wrote it (name case included).
+    pub fn question(&self) -> &'a [u8] {
+        &self.wire[HEADER_LEN..self.question_end()]
+    }
+    pub fn qname(&self) -> &'a [u8] {
+        &self.wire[HEADER_LEN..self.qname_end]
+    }
+    pub fn do_bit(&self) -> bool {
+        self.edns.is_some_and(|e| e.do_bit())
+    }
+    /// Largest UDP reply this client takes: its EDNS size capped at `cap`, or 512 without
+    /// EDNS (RFC 1035 4.2.1; RFC 6891 6.2.5 treats sizes under 512 as 512).
+    pub fn udp_limit(&self, cap: usize) -> usize {
+        match self.edns {
+            Some(e) => (e.udp_size as usize).clamp(512, cap.max(512)),
+            None => 512,
+        }
+    }
+}
+
+/// Writes `name` (uncompressed wire form) lowercased into `out`.
+pub fn push_lower(out: &mut Vec<u8>, name: &[u8]) {
+    out.extend(name.iter().map(u8::to_ascii_lowercase));
+}
+
+/// Compares two uncompressed wire names ignoring ASCII case. Label length octets are at most
+/// 63, below 'A', so case folding never changes them.
+pub fn name_eq(a: &[u8], b: &[u8]) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &[u8], qtype: u16) -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(name);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&1u16.to_be_bytes());
+        q
+    }
+
+    #[test]
+    fn parses_plain_query() {
+        let q = query(b"\x03www\x07Example\x00", TYPE_A);
+        let p = Query::parse(&q).unwrap();
+        assert_eq!(p.qname(), b"\x03www\x07Example\x00");
+        assert_eq!(p.qtype, TYPE_A);
+        assert!(p.edns.is_none());
+        assert_eq!(p.udp_limit(1232), 512);
+    }
+
+    #[test]
+    fn short_and_responses_are_dropped() {
+        assert_eq!(Query::parse(&[0u8; 11]).unwrap_err(), QueryError::Drop);
+        let mut q = query(b"\x00", TYPE_A);
+        q[2] |= 0x80;
+        assert_eq!(Query::parse(&q).unwrap_err(), QueryError::Drop);
+    }
+
+    #[test]
+    fn bad_names_are_formerr() {
+        // Label longer than 63.
+        let mut name = vec![64u8];
+        name.extend_from_slice(&[b'a'; 64]);
+        name.push(0);
+        assert!(matches!(
+            Query::parse(&query(&name, 1)),
+            Err(QueryError::FormErr { .. })
+        ));
+        // Name longer than 255.
+        let mut name = Vec::new();
+        for _ in 0..5 {
+            name.push(63);
+            name.extend_from_slice(&[b'a'; 63]);
+        }
+        name.push(0);
+        assert!(matches!(
+            Query::parse(&query(&name, 1)),
+            Err(QueryError::FormErr { .. })
+        ));
+        // Compression pointer in the question (points at itself).
+        assert!(matches!(
+            Query::parse(&query(&[0xc0, 12], 1)),
+            Err(QueryError::FormErr { .. })
+        ));
+        // Counts larger than the data.
+        let mut q = query(b"\x00", 1);
+        q[7] = 5;
+        assert_eq!(
+            Query::parse(&q).unwrap_err(),
+            QueryError::FormErr { question_ok: true }
+        );
+    }
+
+    #[test]
+    fn reads_edns() {
+        let mut q = query(b"\x00", 1);
+        q[11] = 1;
+        // OPT: root, type 41, size 4096, ext 0, version 0, DO, rdlen 8, cookie option (4 bytes).
+        q.extend_from_slice(&[
+            0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 8, 0, 10, 0, 4, 1, 2, 3, 4,
+        ]);
+        let p = Query::parse(&q).unwrap();
+        let e = p.edns.unwrap();
+        assert!(e.do_bit() && e.has_cookie && !e.has_ecs);
+        assert_eq!(p.udp_limit(1232), 1232);
+        // Cut option.
+        let n = q.len();
+        q[n - 9] = 9;
+        q.truncate(n);
+        assert!(Query::parse(&q).is_err());
+    }
+
+    #[test]
+    fn skip_name_never_follows_pointers() {
+        let msg = [0xc0, 0x00];
+        assert_eq!(skip_name(&msg, 0), Ok(2));
+        assert_eq!(skip_name(&[0xc0], 0), Err(WireError::Short));
+        assert_eq!(skip_name(&[0x40, 0], 0), Err(WireError::BadName));
+    }
+}
