@@ -1,0 +1,386 @@
+//! Issue 2: transparent forwarding over UDP and TCP, failover, TC fallback, bad input, ACL.
+
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpStream, UdpSocket};
+
+use crate::harness::*;
+
+const ZONE: &str = "
+example. 3600 IN SOA ns.example. host.example. 1 3600 600 86400 300
+www.example. 300 IN A 192.0.2.1
+www.example. 300 IN AAAA 2001:db8::1
+mail.example. 300 IN MX 10 mx.example.
+txt.example. 300 IN TXT \"hello\"
+slow.example. 300 IN A 192.0.2.2
+fast.example. 300 IN A 192.0.2.3
+unknown.example. 300 IN TYPE65400 \\# 3 abcdef
+";
+
+fn big_zone() -> String {
+    let mut z = ZONE.to_string();
+    for i in 1..=40 {
+        z.push_str(&format!("big.example. 300 IN A 10.0.0.{i}\n"));
+    }
+    z
+}
+
+#[tokio::test]
+async fn udp_and_tcp_replies_equal_upstream_but_for_id() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let shapes = [
+        Q::new("www.example.", A),
+        Q::new("www.example.", AAAA).edns(1232, false),
+        Q::new("mail.example.", MX).edns(4096, true),
+        Q::new("txt.example.", TXT).cd(),
+        Q::new("nope.example.", A).edns(1232, false),
+        Q::new("www.example.", TXT),
+        Q::new("unknown.example.", 65400),
+        Q::new("www.example.", A)
+            .edns(1232, false)
+            .option(65001, b"xyz"),
+    ];
+    for (i, q) in shapes.iter().enumerate() {
+        let q = q.clone().id(1000 + i as u16);
+        let direct = mock.direct(&q, false).await;
+        let via = proxy.udp(&q).await;
+        assert_eq!(via.id, q.id, "client ID restored");
+        assert_eq!(via.body(), direct.body(), "udp shape {i}: {q:?}");
+        let via_tcp = proxy.tcp(&q.clone().id(2000 + i as u16)).await;
+        assert_eq!(via_tcp.body(), direct.body(), "tcp shape {i}");
+    }
+}
+
+#[tokio::test]
+async fn question_case_is_echoed_exactly() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let r = proxy.udp(&Q::new("wWw.ExAmPlE.", A)).await;
+    assert_eq!(&r.wire[12..12 + 13], &name("wWw.ExAmPlE.")[..]);
+    // Now from the cache, asked in another case.
+    let r = proxy.udp(&Q::new("WWW.example.", A)).await;
+    assert_eq!(&r.wire[12..12 + 13], &name("WWW.example.")[..]);
+    // Passed through: the answer's owner is as the upstream wrote it (uncompressed here).
+    assert_eq!(r.answer_no_ttl(), vec!["www.example. A 192.0.2.1"]);
+    assert_eq!(mock.count("www.example.", A), 1);
+}
+
+#[tokio::test]
+async fn tcp_pipelined_queries_are_answered_out_of_order() {
+    let mock = Mock::start(ZONE).await;
+    mock.set("slow.example.", Behavior::Delay(Duration::from_millis(150)));
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    tcp_send(&mut s, &Q::new("slow.example.", A).id(1).wire()).await;
+    tcp_send(&mut s, &Q::new("fast.example.", A).id(2).wire()).await;
+    let first = R::parse(&tcp_recv(&mut s).await);
+    let second = R::parse(&tcp_recv(&mut s).await);
+    assert_eq!(
+        (first.id, second.id),
+        (2, 1),
+        "the fast answer overtakes the slow one"
+    );
+    assert_eq!(second.answer_no_ttl(), vec!["slow.example. A 192.0.2.2"]);
+}
+
+#[tokio::test]
+async fn tcp_pipeline_of_100_distinct_queries() {
+    let mut z = ZONE.to_string();
+    for i in 0..100 {
+        z.push_str(&format!("n{i}.example. 300 IN A 10.1.0.{}\n", i + 1));
+    }
+    let mock = Mock::start(&z).await;
+    mock.set_default(Behavior::Delay(Duration::from_millis(200)));
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    for i in 0..100u16 {
+        tcp_send(&mut s, &Q::new(&format!("n{i}.example."), A).id(i).wire()).await;
+    }
+    let mut seen = [false; 100];
+    for _ in 0..100 {
+        let r = R::parse(&tcp_recv(&mut s).await);
+        assert_eq!(
+            r.answer_no_ttl(),
+            vec![format!("n{}.example. A 10.1.0.{}", r.id, r.id + 1)]
+        );
+        seen[r.id as usize] = true;
+    }
+    assert!(seen.iter().all(|&b| b));
+    // All 100 were in flight at once: the mock saw them all before the first reply could
+    // have come back, so the total time is near one delay, not 100 (checked by count only).
+    assert_eq!(mock.total(), 100);
+}
+
+#[tokio::test]
+async fn failover_to_the_next_upstream_on_timeout() {
+    let dead = Mock::start(ZONE).await;
+    dead.set_default(Behavior::Drop);
+    let live = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[dead.addr, live.addr], |_| {}).await;
+    let r = proxy.udp(&Q::new("www.example.", A)).await;
+    assert_eq!(r.answer_no_ttl(), vec!["www.example. A 192.0.2.1"]);
+    assert_eq!((dead.total(), live.total()), (1, 1));
+}
+
+#[tokio::test]
+async fn all_upstreams_failing_gives_servfail_after_two_attempts() {
+    let a = Mock::start(ZONE).await;
+    let b = Mock::start(ZONE).await;
+    a.set_default(Behavior::Drop);
+    b.set_default(Behavior::Drop);
+    let proxy = Proxy::start(&[a.addr, b.addr], |_| {}).await;
+    let start = Instant::now();
+    let r = proxy
+        .udp(&Q::new("www.example.", A).edns(1232, false))
+        .await;
+    assert_eq!(r.rcode(), 2);
+    assert!(r.opt.is_some(), "EDNS query gets an OPT in our SERVFAIL");
+    assert_eq!(
+        (a.total(), b.total()),
+        (1, 1),
+        "at most two upstream attempts (R8)"
+    );
+    // Two attempts of 300 ms each, inside the 1.5 s client deadline of the test config.
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+    // The failure is cached briefly: the next query does not go upstream (R8).
+    let r = proxy
+        .udp(&Q::new("www.example.", A).edns(1232, false))
+        .await;
+    assert_eq!(r.rcode(), 2);
+    assert_eq!(a.total() + b.total(), 2);
+}
+
+#[tokio::test]
+async fn servfail_or_refused_from_one_upstream_tries_the_other() {
+    for b in [Behavior::Servfail, Behavior::Refused] {
+        let bad = Mock::start(ZONE).await;
+        bad.set_default(b.clone());
+        let good = Mock::start(ZONE).await;
+        let proxy = Proxy::start(&[bad.addr, good.addr], |_| {}).await;
+        let r = proxy.udp(&Q::new("www.example.", A)).await;
+        assert_eq!(r.rcode(), 0, "{b:?}");
+        assert_eq!(r.answer.len(), 1);
+        // With only the failing upstream, its reply is passed on.
+        let proxy = Proxy::start(&[bad.addr], |_| {}).await;
+        let expected = if b == Behavior::Servfail { 2 } else { 5 };
+        assert_eq!(
+            proxy.udp(&Q::new("www.example.", AAAA)).await.rcode(),
+            expected
+        );
+    }
+}
+
+#[tokio::test]
+async fn truncated_upstream_reply_is_retried_over_tcp() {
+    let mock = Mock::start(ZONE).await;
+    mock.set("www.example.", Behavior::TruncateUdp);
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let r = proxy
+        .udp(&Q::new("www.example.", A).edns(1232, false))
+        .await;
+    assert!(!r.tc());
+    assert_eq!(r.answer_no_ttl(), vec!["www.example. A 192.0.2.1"]);
+    let log = mock.log();
+    assert_eq!(
+        log.iter().map(|l| l.tcp).collect::<Vec<_>>(),
+        vec![false, true]
+    );
+}
+
+#[tokio::test]
+async fn tcp_client_queries_go_upstream_over_tcp() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    proxy.tcp(&Q::new("www.example.", A)).await;
+    assert!(mock.log()[0].tcp);
+}
+
+#[tokio::test]
+async fn udp_reply_too_big_for_the_client_gets_tc_with_question_only() {
+    let mock = Mock::start(&big_zone()).await;
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    // 40 uncompressed A records: ~1.1 KB. No EDNS -> 512 limit.
+    let r = proxy.udp(&Q::new("big.example.", A)).await;
+    assert!(r.tc());
+    assert!(r.answer.is_empty() && r.opt.is_none());
+    assert_eq!(r.question, "big.example. A");
+    // EDNS 4096 -> capped at 1232: fits.
+    let r = proxy
+        .udp(&Q::new("big.example.", A).edns(4096, false))
+        .await;
+    assert!(!r.tc());
+    assert_eq!(r.answer.len(), 40);
+    assert!(r.wire.len() <= 1232);
+    // TCP gets it whole.
+    assert_eq!(proxy.tcp(&Q::new("big.example.", A)).await.answer.len(), 40);
+}
+
+#[tokio::test]
+async fn bad_queries_get_formerr_or_are_dropped_and_serving_goes_on() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let wait = Duration::from_millis(300);
+    // Shorter than a header: dropped.
+    s.send_to(&[1, 2, 3, 4, 5], proxy.addr).await.unwrap();
+    assert!(tokio::time::timeout(wait, s.recv_from(&mut buf))
+        .await
+        .is_err());
+    // QR=1: dropped (no reflection loops).
+    let mut resp = Q::new("www.example.", A).wire();
+    resp[2] |= 0x80;
+    s.send_to(&resp, proxy.addr).await.unwrap();
+    assert!(tokio::time::timeout(wait, s.recv_from(&mut buf))
+        .await
+        .is_err());
+    // QDCOUNT 2: FORMERR without a question.
+    let mut two = Q::new("www.example.", A).id(77).wire();
+    two[5] = 2;
+    let r = R::parse(&udp_exchange(proxy.addr, &two, wait).await.unwrap());
+    assert_eq!((r.id, r.rcode(), r.question.as_str()), (77, 1, ""));
+    // Label over 63, pointer loop, counts beyond the data: FORMERR.
+    let mut long = vec![0, 9, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 64];
+    long.extend_from_slice(&[b'a'; 64]);
+    long.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let looped = vec![0, 9, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1];
+    let mut counts = Q::new("www.example.", A).id(9).wire();
+    counts[7] = 3;
+    for bad in [long, looped, counts] {
+        let r = R::parse(&udp_exchange(proxy.addr, &bad, wait).await.unwrap());
+        assert_eq!(r.rcode(), 1, "{bad:?}");
+    }
+    // Random garbage with a header-sized prefix.
+    for i in 0..50u8 {
+        let junk: Vec<u8> = (0..(12 + i as usize * 7))
+            .map(|j| (j as u8).wrapping_mul(31).wrapping_add(i))
+            .collect();
+        s.send_to(&junk, proxy.addr).await.unwrap();
+    }
+    // Still serving.
+    let r = proxy.udp(&Q::new("www.example.", A)).await;
+    assert_eq!(r.answer_no_ttl(), vec!["www.example. A 192.0.2.1"]);
+    assert_eq!(
+        mock.count("www.example.", A),
+        1,
+        "no garbage reached the upstream as a query for www"
+    );
+}
+
+#[tokio::test]
+async fn clients_outside_the_acl_are_refused_without_upstream_traffic() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |c| {
+        c.allow = vec!["10.0.0.0/8".parse().unwrap()]
+    })
+    .await;
+    let r = proxy
+        .udp(&Q::new("www.example.", A).edns(1232, false))
+        .await;
+    assert_eq!(r.rcode(), 5);
+    assert_eq!(r.question, "www.example. A");
+    let r = proxy.tcp(&Q::new("www.example.", A)).await;
+    assert_eq!(r.rcode(), 5);
+    assert_eq!(mock.total(), 0);
+}
+
+#[tokio::test]
+async fn forged_replies_are_ignored() {
+    let mock = Mock::start(ZONE).await;
+    mock.set("www.example.", Behavior::Spoof);
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let r = proxy.udp(&Q::new("www.example.", A)).await;
+    assert_eq!(r.answer_no_ttl(), vec!["www.example. A 192.0.2.1"]);
+}
+
+#[tokio::test]
+async fn upstream_queries_use_fresh_ids_and_ports() {
+    let mut z = ZONE.to_string();
+    for i in 0..200 {
+        z.push_str(&format!("p{i}.example. 300 IN A 10.2.0.1\n"));
+    }
+    let mock = Mock::start(&z).await;
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    for i in 0..200 {
+        proxy.udp(&Q::new(&format!("p{i}.example."), A).id(7)).await;
+    }
+    let log = mock.log();
+    let ports: std::collections::HashSet<u16> = log.iter().map(|l| l.src.port()).collect();
+    let ids: std::collections::HashSet<u16> = log.iter().map(|l| l.id).collect();
+    // 200 draws from ~28,000 ephemeral ports and 65,536 IDs: collisions are rare, but a
+    // fixed port or a copied client ID would give 1.
+    assert!(ports.len() > 180, "distinct ports {}", ports.len());
+    assert!(ids.len() > 190, "distinct ids {}", ids.len());
+}
+
+#[tokio::test]
+async fn edns_version_other_than_zero_gets_badvers() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let mut q = Q::new("www.example.", A).edns(1232, false).wire();
+    let n = q.len();
+    q[n - 5] = 1; // version 1
+    let r = R::parse(
+        &udp_exchange(proxy.addr, &q, Duration::from_secs(2))
+            .await
+            .unwrap(),
+    );
+    let (_, ttl, _) = r.opt.unwrap();
+    assert_eq!(
+        (ttl >> 24, (ttl >> 16) & 0xff),
+        (1, 0),
+        "BADVERS, version 0"
+    );
+    assert_eq!(mock.total(), 0);
+}
+
+#[tokio::test]
+async fn shutdown_answers_queries_in_flight() {
+    let mock = Mock::start(ZONE).await;
+    mock.set("slow.example.", Behavior::Delay(Duration::from_millis(600)));
+    let mut proxy = Proxy::start(&[mock.addr], |c| c.timeout = Duration::from_secs(2)).await;
+    let addr = proxy.addr;
+    let pending = tokio::spawn(async move {
+        udp_exchange(
+            addr,
+            &Q::new("slow.example.", A).wire(),
+            Duration::from_secs(3),
+        )
+        .await
+    });
+    // Wait until the query is in flight upstream.
+    for _ in 0..100 {
+        if mock.total() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(mock.total(), 1);
+    proxy
+        .running
+        .take()
+        .unwrap()
+        .shutdown(Duration::from_secs(3))
+        .await;
+    let reply = pending
+        .await
+        .unwrap()
+        .expect("in-flight query answered during shutdown");
+    assert_eq!(
+        R::parse(&reply).answer_no_ttl(),
+        vec!["slow.example. A 192.0.2.2"]
+    );
+    // And the listener is gone.
+    assert!(udp_exchange(
+        addr,
+        &Q::new("www.example.", A).wire(),
+        Duration::from_millis(300)
+    )
+    .await
+    .is_none());
+}
