@@ -790,6 +790,22 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_parses_and_states_the_defaults() {
+        let cli = Cli {
+            upstream: vec!["192.0.2.1".into()],
+            ..Cli::default()
+        };
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/flatdns.toml"));
+        let text = std::fs::read_to_string(path).unwrap();
+        let shipped = Config::build(&cli, Some(path), &text, "").unwrap();
+        let defaults = Config::build(&cli, None, "", "").unwrap();
+        assert_eq!(
+            shipped, defaults,
+            "config/flatdns.toml must document the real defaults"
+        );
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("4.5s").unwrap(), Duration::from_millis(4500));

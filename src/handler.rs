@@ -2,7 +2,7 @@
 //!
 //! 1. scan the query (no header or QR=1: drop; malformed: FORMERR)
 //! 2. ACL (outside: REFUSED, nothing goes upstream)
-//! 3. EDNS version (not 0: BADVERS)
+//! 3. EDNS version (not 0: BADVERS); ANY over UDP: TC=1 (RFC 8482, so nothing is amplified)
 //! 4. cache lookup (hit: the stored answer with the client's ID, question bytes, aged TTLs)
 //! 5. miss: coalesce on the key; the leader takes an in-flight permit and asks the upstream
 //! 6. flatten the upstream's answer, chasing the rest of a partial chain through the resolver
@@ -139,6 +139,12 @@ impl Handler {
             // RFC 6891 6.1.3: BADVERS, advertising the version we do support (0).
             let opt = response::own_opt(&q, wire::EXT_RCODE_BADVERS);
             response::error(q.id(), q.header.flags, Some(q.question()), 0, opt, out);
+            return Fast::Reply;
+        }
+        if q.qtype == wire::TYPE_ANY && transport == Transport::Udp {
+            // RFC 8482 4.4 allows TC=1 over UDP; a retry over TCP gets the upstream's answer.
+            let flags = response::reply_flags(q.header.flags);
+            response::truncated(q.id(), flags, q.question(), response::own_opt(&q, 0), out);
             return Fast::Reply;
         }
         if let Some(key) = Key::for_query(&q) {

@@ -37,9 +37,12 @@ fn main() -> ExitCode {
         (None, Ok(env)) if !env.is_empty() => EnvFilter::new(env),
         _ => EnvFilter::new(&config.log_level),
     };
+    // Colour only on a terminal: logs read by journald or a test harness stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 
     match run(config) {

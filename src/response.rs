@@ -251,6 +251,16 @@ pub fn error(
     }
 }
 
+/// Header flags of a reply flatdns writes itself: QR, the query's opcode, RD and CD, and RA
+/// when recursion was asked for.
+pub fn reply_flags(query_flags: u16) -> u16 {
+    let mut flags = wire::FLAG_QR | (query_flags & (0x7800 | wire::FLAG_RD | wire::FLAG_CD));
+    if query_flags & wire::FLAG_RD != 0 {
+        flags |= wire::FLAG_RA;
+    }
+    flags
+}
+
 /// Error reply for a scanned query.
 pub fn error_for(q: &Query<'_>, rcode: u8, out: &mut Vec<u8>) {
     error(

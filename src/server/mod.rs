@@ -158,3 +158,22 @@ impl Running {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn privileged_port_error_names_the_fix() {
+        let e = bind_error(
+            "127.0.0.1:53".parse().unwrap(),
+            "udp",
+            io::Error::from(io::ErrorKind::PermissionDenied),
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("CAP_NET_BIND_SERVICE") && text.contains("--listen 127.0.0.1:5353"),
+            "{text}"
+        );
+    }
+}

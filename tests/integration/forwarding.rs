@@ -384,3 +384,21 @@ async fn shutdown_answers_queries_in_flight() {
     .await
     .is_none());
 }
+
+#[tokio::test]
+async fn any_over_udp_gets_tc_and_no_upstream_query() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let r = proxy
+        .udp(&Q::new("www.example.", ANY).edns(1232, false))
+        .await;
+    assert!(r.tc());
+    assert_eq!(
+        (r.answer.len(), r.question.as_str()),
+        (0, "www.example. TYPE255")
+    );
+    assert!(r.opt.is_some());
+    assert_eq!(mock.total(), 0);
+    let r = proxy.tcp(&Q::new("www.example.", ANY)).await;
+    assert_eq!(r.answer.len(), 2);
+}
