@@ -100,6 +100,8 @@ pub struct Limits {
     pub waiters_per_key: usize,
     pub client_deadline: Duration,
     pub udp_size: usize,
+    /// UDP sockets (and receive threads) per listen address; 0 = one per CPU core.
+    pub udp_workers: usize,
     pub tcp_connections: usize,
     pub tcp_per_client: usize,
     pub tcp_pipeline: usize,
@@ -196,6 +198,7 @@ struct RawLimits {
     waiters_per_key: S<i64>,
     client_deadline: S<RawDuration>,
     udp_size: S<i64>,
+    udp_workers: S<i64>,
     tcp_connections: S<i64>,
     tcp_per_client: S<i64>,
     tcp_pipeline: S<i64>,
@@ -613,6 +616,7 @@ impl Config {
                 100_000,
             )?,
             udp_size: lim("limits.udp_size", &m.udp_size, 1232, 512, 4096)?,
+            udp_workers: lim("limits.udp_workers", &m.udp_workers, 0, 0, 256)?,
             tcp_connections: lim(
                 "limits.tcp_connections",
                 &m.tcp_connections,

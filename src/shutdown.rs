@@ -30,7 +30,10 @@ impl Shutdown {
         let _ = self.0.wait_for(|fired| *fired).await;
     }
 
+    /// True once shutdown was signalled or the trigger was dropped (a `Running` dropped
+    /// without `shutdown()` must still let its receive threads end, or the runtime's drop
+    /// would wait for them forever).
     pub fn is_shutdown(&self) -> bool {
-        *self.0.borrow()
+        *self.0.borrow() || self.0.has_changed().is_err()
     }
 }

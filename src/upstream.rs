@@ -133,12 +133,13 @@ async fn udp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamE
     let sock = UdpSocket::bind(bind).await?;
     sock.connect(server).await?;
     sock.send(msg).await?;
-    let mut buf = vec![0u8; 65_535];
+    // Capacity, not zeroed memory: a miss should not pay a 64 KiB memset.
+    let mut buf = Vec::with_capacity(65_535);
     loop {
-        let n = sock.recv(&mut buf).await?;
-        if matches(msg, &buf[..n]) {
-            buf.truncate(n);
-            return Ok(Bytes::from(buf));
+        buf.clear();
+        let n = sock.recv_buf(&mut buf).await?;
+        if matches(msg, &buf) {
+            return Ok(Bytes::copy_from_slice(&buf));
         }
         debug!(%server, len = n, "discarded a reply that does not match the query");
     }

@@ -1,7 +1,9 @@
 //! Client-facing sockets. `udp.rs` and `tcp.rs` are the only code that touches them.
 //!
 //! [`start`] binds every listen address for UDP and TCP (on the same port: with port 0 the
-//! UDP port is chosen first and TCP binds to it too) and spawns one task per socket.
+//! UDP port is chosen first and TCP binds to it too). Each address gets `udp_workers` UDP
+//! sockets sharing the port through SO_REUSEPORT, each with its own receive thread, and one
+//! TCP accept task.
 //! [`Running::shutdown`] stops the listeners and waits for in-flight queries.
 
 mod tcp;
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -58,10 +60,19 @@ fn socket(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
     Ok(s)
 }
 
-fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+/// A UDP socket for a blocking receive thread: SO_REUSEPORT so several share the port, a
+/// receive timeout so the thread notices shutdown, a send timeout so a full send buffer
+/// cannot stall it, and a large receive buffer to ride out bursts.
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let s = socket(addr, Type::DGRAM, Protocol::UDP)?;
+    s.set_nonblocking(false)?;
+    s.set_reuse_port(true)?;
+    s.set_read_timeout(Some(udp::POLL))?;
+    s.set_write_timeout(Some(Duration::from_millis(50)))?;
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = s.set_recv_buffer_size(4 << 20);
     s.bind(&addr.into())?;
-    UdpSocket::from_std(s.into())
+    Ok(s.into())
 }
 
 fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -73,22 +84,28 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
-/// Binds UDP and TCP on `addr`; with port 0, both end up on one kernel-chosen port.
-fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), ServerError> {
+/// Binds `workers` UDP sockets and a TCP listener on `addr`; with port 0, all end up on one
+/// kernel-chosen port.
+fn bind_all(
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<(Vec<std::net::UdpSocket>, TcpListener), ServerError> {
     for _ in 0..20 {
-        let udp = bind_udp(addr).map_err(|e| bind_error(addr, "udp", e))?;
-        let actual = udp.local_addr().map_err(|e| bind_error(addr, "udp", e))?;
-        match bind_tcp(actual) {
-            Ok(tcp) => return Ok((udp, tcp)),
+        let first = bind_udp(addr).map_err(|e| bind_error(addr, "udp", e))?;
+        let actual = first.local_addr().map_err(|e| bind_error(addr, "udp", e))?;
+        let tcp = match bind_tcp(actual) {
+            Ok(tcp) => tcp,
             Err(e) if addr.port() == 0 && e.kind() == io::ErrorKind::AddrInUse => continue,
             Err(e) => return Err(bind_error(actual, "tcp", e)),
+        };
+        let mut udp = vec![first];
+        for _ in 1..workers {
+            udp.push(bind_udp(actual).map_err(|e| bind_error(actual, "udp", e))?);
         }
+        return Ok((udp, tcp));
     }
-    Err(bind_error(
-        addr,
-        "tcp",
-        io::Error::from(io::ErrorKind::AddrInUse),
-    ))
+    let in_use = io::Error::from(io::ErrorKind::AddrInUse);
+    Err(bind_error(addr, "tcp", in_use))
 }
 
 /// A started server.
@@ -101,30 +118,34 @@ pub struct Running {
 
 /// Binds every listen address and starts serving. Must be called inside a tokio runtime.
 pub async fn start(config: Config) -> Result<Running, ServerError> {
+    let workers = match config.limits.udp_workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     let mut bound = Vec::new();
     for &addr in &config.listen {
-        bound.push(bind_pair(addr)?);
+        bound.push(bind_all(addr, workers)?);
     }
+    let rt = tokio::runtime::Handle::current();
     let handler = Arc::new(Handler::new(config));
     let (trigger, shutdown) = shutdown::channel();
     let tracker = TaskTracker::new();
     let mut addrs = Vec::new();
     for (udp, tcp) in bound {
-        if let Ok(a) = udp.local_addr() {
+        if let Ok(a) = tcp.local_addr() {
             addrs.push(a);
         }
-        tracker.spawn(udp::serve(
-            Arc::new(udp),
-            handler.clone(),
-            shutdown.clone(),
-            tracker.clone(),
-        ));
-        tracker.spawn(tcp::serve(
-            tcp,
-            handler.clone(),
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        for sock in udp {
+            let (h, s, t, rt) = (
+                handler.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+                rt.clone(),
+            );
+            tracker.spawn_blocking(move || udp::serve(sock, h, s, t, rt));
+        }
+        let (h, s, t) = (handler.clone(), shutdown.clone(), tracker.clone());
+        tracker.spawn(tcp::serve(tcp, h, s, t));
     }
     Ok(Running {
         addrs,
