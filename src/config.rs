@@ -98,6 +98,8 @@ pub enum Exclude {
 pub struct Limits {
     pub max_inflight: usize,
     pub waiters_per_key: usize,
+    /// Queries waiting for the upstream per client address (R9).
+    pub pending_per_client: usize,
     pub client_deadline: Duration,
     pub udp_size: usize,
     /// UDP sockets (and receive threads) per listen address; 0 = one per CPU core.
@@ -196,6 +198,7 @@ struct RawFlatten {
 struct RawLimits {
     max_inflight: S<i64>,
     waiters_per_key: S<i64>,
+    pending_per_client: S<i64>,
     client_deadline: S<RawDuration>,
     udp_size: S<i64>,
     udp_workers: S<i64>,
@@ -614,6 +617,13 @@ impl Config {
                 100,
                 1,
                 100_000,
+            )?,
+            pending_per_client: lim(
+                "limits.pending_per_client",
+                &m.pending_per_client,
+                1000,
+                1,
+                1_000_000,
             )?,
             udp_size: lim("limits.udp_size", &m.udp_size, 1232, 512, 4096)?,
             udp_workers: lim("limits.udp_workers", &m.udp_workers, 0, 0, 256)?,

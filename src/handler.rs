@@ -4,7 +4,8 @@
 //! 2. ACL (outside: REFUSED, nothing goes upstream)
 //! 3. EDNS version (not 0: BADVERS); ANY over UDP: TC=1 (RFC 8482, so nothing is amplified)
 //! 4. cache lookup (hit: the stored answer with the client's ID, question bytes, aged TTLs)
-//! 5. miss: coalesce on the key; the leader takes an in-flight permit and asks the upstream
+//! 5. miss: the client takes a pending slot (R9), then coalesce on the key; the leader takes
+//!    an in-flight permit (R11) and asks the upstream
 //! 6. flatten the upstream's answer, chasing the rest of a partial chain through the resolver
 //!    (each chase step is itself cached and coalesced)
 //! 7. cache the final answer; reply (TC=1 with the question only if it is too long for UDP)
@@ -26,6 +27,7 @@ use crate::cache::{keyflag, Cache, Entry, Key, Kind};
 use crate::config::Config;
 use crate::flatten::{self, Chain, Skip, Step};
 use crate::inflight::{Inflight, Join};
+use crate::limit::PerClient;
 use crate::response::{self, OptFields};
 use crate::upstream::Upstream;
 use crate::wire::{self, Query, QueryError};
@@ -70,6 +72,7 @@ pub struct Handler {
     upstream: Upstream,
     resolver: Upstream,
     permits: Semaphore,
+    pending: Arc<PerClient>,
 }
 
 impl Handler {
@@ -85,6 +88,7 @@ impl Handler {
             cache: Cache::new(&config.cache),
             inflight: Inflight::new(config.limits.waiters_per_key),
             permits: Semaphore::new(config.limits.max_inflight),
+            pending: PerClient::new(config.limits.pending_per_client),
             upstream,
             resolver,
             config,
@@ -178,6 +182,11 @@ impl Handler {
             Fast::Miss => {}
         }
         let q = Query::parse(&msg).ok()?;
+        let Some(_pending) = self.pending.acquire(client.ip()) else {
+            debug!(%client, "pending-per-client limit reached");
+            response::error_for(&q, wire::RCODE_SERVFAIL, &mut out);
+            return Some(out);
+        };
         self.resolve(&q, transport, &mut out).await;
         debug!(%client, qtype = q.qtype, rcode = out.get(3).map(|b| b & 0x0f), len = out.len(), "answered");
         Some(out)

@@ -34,6 +34,7 @@ pub mod config;
 pub mod flatten;
 pub mod handler;
 pub mod inflight;
+pub mod limit;
 pub mod response;
 pub mod server;
 pub mod shutdown;

@@ -8,10 +8,9 @@
 //!   never reads cannot either);
 //! - at most `tcp_pipeline` queries in flight per connection; past that, reading pauses.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,43 +24,8 @@ use tracing::{debug, error};
 
 use crate::config::Limits;
 use crate::handler::{Fast, Handler, Transport};
+use crate::limit::PerClient;
 use crate::shutdown::Shutdown;
-
-/// Counts connections per client address; the guard gives its slot back on drop.
-#[derive(Default)]
-struct PerClient(Mutex<HashMap<IpAddr, usize>>);
-
-struct ClientSlot {
-    table: Arc<PerClient>,
-    ip: IpAddr,
-}
-
-impl PerClient {
-    fn acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
-        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = t.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot {
-            table: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut t = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = t.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                t.remove(&self.ip);
-            }
-        }
-    }
-}
 
 pub async fn serve(
     listener: TcpListener,
@@ -71,7 +35,7 @@ pub async fn serve(
 ) {
     let limits = handler.config().limits.clone();
     let conns = Arc::new(Semaphore::new(limits.tcp_connections));
-    let per_client = Arc::new(PerClient::default());
+    let per_client = PerClient::new(limits.tcp_per_client);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => break,
@@ -92,7 +56,7 @@ pub async fn serve(
             debug!(%peer, "tcp connection limit reached");
             continue;
         };
-        let Some(slot) = per_client.acquire(peer.ip(), limits.tcp_per_client) else {
+        let Some(slot) = per_client.acquire(peer.ip()) else {
             debug!(%peer, "per-client tcp connection limit reached");
             continue;
         };

@@ -260,3 +260,82 @@ async fn truncated_replies_are_passed_on_and_never_cached() {
         "asked again: nothing cached"
     );
 }
+
+#[tokio::test]
+async fn pending_queries_per_client_are_capped() {
+    let mut z = ZONE.to_string();
+    for i in 0..10 {
+        z.push_str(&format!("d{i}.example. 300 IN A 10.4.0.1\n"));
+    }
+    let mock = Mock::start(&z).await;
+    mock.set_default(Behavior::Delay(Duration::from_millis(600)));
+    let proxy = Proxy::start(&[mock.addr], |c| {
+        c.limits.pending_per_client = 4;
+        c.timeout = Duration::from_secs(2);
+        c.limits.client_deadline = Duration::from_secs(3);
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..10u16 {
+        let addr = proxy.addr;
+        let q = Q::new(&format!("d{i}.example."), A).id(i);
+        tasks.push(tokio::spawn(async move {
+            udp_query(addr, &q.wire()).await.rcode()
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut rcodes = Vec::new();
+    for t in tasks {
+        rcodes.push(t.await.unwrap());
+    }
+    assert_eq!(rcodes.iter().filter(|&&r| r == 0).count(), 4, "{rcodes:?}");
+    assert_eq!(rcodes.iter().filter(|&&r| r == 2).count(), 6, "{rcodes:?}");
+    assert_eq!(mock.total(), 4, "refused queries cause no upstream traffic");
+}
+
+#[tokio::test]
+async fn at_the_inflight_cap_misses_fail_fast_and_hits_are_served() {
+    let mut z = ZONE.to_string();
+    for i in 0..10 {
+        z.push_str(&format!("s{i}.example. 300 IN A 10.5.0.1\n"));
+    }
+    let mock = Mock::start(&z).await;
+    let proxy = Proxy::start(&[mock.addr], |c| {
+        c.limits.max_inflight = 3;
+        c.timeout = Duration::from_secs(2);
+        c.limits.client_deadline = Duration::from_secs(3);
+    })
+    .await;
+    // A cached name first.
+    proxy.udp(&Q::new("www.example.", A)).await;
+    mock.set_default(Behavior::Drop);
+    let mut stalled = Vec::new();
+    for i in 0..3 {
+        let addr = proxy.addr;
+        let q = Q::new(&format!("s{i}.example."), A);
+        stalled.push(tokio::spawn(async move {
+            udp_query(addr, &q.wire()).await.rcode()
+        }));
+    }
+    for _ in 0..100 {
+        if mock.total() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The fourth miss fails at once: no upstream query, SERVFAIL well before any timeout.
+    let started = std::time::Instant::now();
+    let r = proxy.udp(&Q::new("s9.example.", A)).await;
+    assert_eq!(r.rcode(), 2);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(mock.count("s9.example.", A), 0);
+    // Hits are still served.
+    assert_eq!(proxy.udp(&Q::new("www.example.", A)).await.answer.len(), 1);
+    for t in stalled {
+        assert_eq!(t.await.unwrap(), 2);
+    }
+}
