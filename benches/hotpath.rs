@@ -138,7 +138,7 @@ fn benches(c: &mut Criterion) {
         });
         addr
     });
-    let cold = handler(upstream, 0);
+    let cold = Arc::new(handler(upstream, 0));
     let msg = Bytes::from(q.clone());
     c.bench_function("cold: miss via loopback upstream, flattened", |b| {
         b.iter(|| {

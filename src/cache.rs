@@ -124,9 +124,26 @@ impl Entry {
     fn lifetime(&self) -> Duration {
         self.expires.saturating_duration_since(self.stored)
     }
+    /// Whether RFC 8767 allows serving this entry after it expired: answers, not failures.
+    pub fn may_serve_stale(&self) -> bool {
+        matches!(self.kind, Kind::Positive | Kind::Flattened | Kind::Negative)
+    }
 }
 
-struct Expire;
+/// Tells moka when to drop an entry: at its expiry, plus the serve-stale window if any.
+struct Expire {
+    stale: Duration,
+}
+
+impl Expire {
+    fn keep(&self, v: &Entry) -> Duration {
+        if v.may_serve_stale() {
+            v.lifetime() + self.stale
+        } else {
+            v.lifetime()
+        }
+    }
+}
 
 impl Expiry<Box<[u8]>, Arc<Entry>> for Expire {
     fn expire_after_create(
@@ -135,7 +152,7 @@ impl Expiry<Box<[u8]>, Arc<Entry>> for Expire {
         v: &Arc<Entry>,
         _: std::time::Instant,
     ) -> Option<Duration> {
-        Some(v.lifetime())
+        Some(self.keep(v))
     }
     fn expire_after_update(
         &self,
@@ -144,7 +161,7 @@ impl Expiry<Box<[u8]>, Arc<Entry>> for Expire {
         _: std::time::Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(v.lifetime())
+        Some(self.keep(v))
     }
 }
 
@@ -159,7 +176,9 @@ impl Cache {
         let inner = (policy.size > 0).then(|| {
             Moka::builder()
                 .max_capacity(policy.size)
-                .expire_after(Expire)
+                .expire_after(Expire {
+                    stale: policy.stale.map_or(Duration::ZERO, |s| s.max_age),
+                })
                 .build()
         });
         Cache {
@@ -172,6 +191,13 @@ impl Cache {
     pub fn get(&self, key: &[u8], now: Instant) -> Option<Arc<Entry>> {
         let e = self.inner.as_ref()?.get(key)?;
         e.is_fresh(now).then_some(e)
+    }
+
+    /// An expired entry still inside the serve-stale window, if serve-stale is on.
+    pub fn get_stale(&self, key: &[u8], now: Instant) -> Option<Arc<Entry>> {
+        let window = self.policy.stale?.max_age;
+        let e = self.inner.as_ref()?.get(key)?;
+        (e.may_serve_stale() && !e.is_fresh(now) && now < e.expires + window).then_some(e)
     }
 
     pub fn insert(&self, key: &[u8], entry: Arc<Entry>) {

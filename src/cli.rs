@@ -64,4 +64,8 @@ pub struct Cli {
     /// How long SERVFAIL, REFUSED and timeouts are cached (RFC 9520). Default 5.
     #[arg(long, value_name = "DURATION", help_heading = "Cache")]
     pub failure_ttl: Option<String>,
+
+    /// Serve expired answers (TTL 30) when the upstream is slow or failing (RFC 8767).
+    #[arg(long, help_heading = "Cache")]
+    pub serve_stale: bool,
 }

@@ -71,7 +71,20 @@ pub struct CacheConfig {
     pub max_ttl: u32,
     pub negative_ttl_max: u32,
     pub failure_ttl: u32,
+    /// RFC 8767 serve-stale: `Some` when on.
+    pub stale: Option<StaleConfig>,
 }
+
+/// Serve-stale (RFC 8767): how long to wait for a fresh answer before serving a stale one,
+/// and how long past expiry an entry may still be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleConfig {
+    pub answer_after: Duration,
+    pub max_age: Duration,
+}
+
+/// The TTL of records served stale (RFC 8767 section 4 recommends 30 s).
+pub const STALE_TTL: u32 = 30;
 
 /// Where flattening applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +194,9 @@ struct RawCache {
     max_ttl: S<RawDuration>,
     negative_ttl_max: S<RawDuration>,
     failure_ttl: S<RawDuration>,
+    serve_stale: S<bool>,
+    stale_answer_after: S<RawDuration>,
+    stale_max_age: S<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -566,6 +582,29 @@ impl Config {
             "5",
         );
         let failure_ttl = secs(&fail_v, "cache.failure_ttl", 300)?;
+        let stale_on = l.pick(
+            ("--serve-stale", cli.serve_stale.then_some(true)),
+            &c.serve_stale,
+            false,
+        );
+        let after_v = l.pick_dur(("", None), &c.stale_answer_after, "1.8s");
+        let answer_after = dur(
+            &after_v,
+            "cache.stale_answer_after",
+            Duration::from_millis(10),
+            Duration::from_secs(30),
+        )?;
+        let age_v = l.pick_dur(("", None), &c.stale_max_age, "1d");
+        let max_age = dur(
+            &age_v,
+            "cache.stale_max_age",
+            Duration::from_secs(1),
+            Duration::from_secs(7 * 86_400),
+        )?;
+        let stale = stale_on.v.then_some(StaleConfig {
+            answer_after,
+            max_age,
+        });
 
         let f = &raw.flatten;
         let enabled = l.pick(("", None), &f.enabled, true).v;
@@ -676,6 +715,7 @@ impl Config {
                 max_ttl,
                 negative_ttl_max,
                 failure_ttl,
+                stale,
             },
             flatten: FlattenConfig {
                 enabled,

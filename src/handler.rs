@@ -8,7 +8,8 @@
 //!    an in-flight permit (R11) and asks the upstream
 //! 6. flatten the upstream's answer, chasing the rest of a partial chain through the resolver
 //!    (each chase step is itself cached and coalesced)
-//! 7. cache the final answer; reply (TC=1 with the question only if it is too long for UDP)
+//! 7. cache the final answer; reply (TC=1 with the question only if it is too long for UDP);
+//!    with serve-stale on, an expired entry answers when the refresh is slow or fails
 //!
 //! Steps 1-4 are [`Handler::answer_fast`], which never waits: listeners call it inline and
 //! spawn a task only for a miss. Any per-query failure ends here as an rcode; nothing a client
@@ -16,6 +17,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use ipnet::IpNet;
@@ -24,7 +26,7 @@ use tokio::time::{timeout_at, Instant};
 use tracing::debug;
 
 use crate::cache::{keyflag, Cache, Entry, Key, Kind};
-use crate::config::Config;
+use crate::config::{Config, STALE_TTL};
 use crate::flatten::{self, Chain, Skip, Step};
 use crate::inflight::{Inflight, Join};
 use crate::limit::PerClient;
@@ -170,7 +172,7 @@ impl Handler {
 
     /// The whole pipeline. Returns the reply to send, or `None` to send nothing.
     pub async fn answer(
-        &self,
+        self: &Arc<Self>,
         msg: Bytes,
         client: SocketAddr,
         transport: Transport,
@@ -187,9 +189,58 @@ impl Handler {
             response::error_for(&q, wire::RCODE_SERVFAIL, &mut out);
             return Some(out);
         };
+        if let Some(stale) = self.stale_candidate(&q) {
+            return Some(self.fresh_or_stale(stale, msg.clone(), &q, transport).await);
+        }
         self.resolve(&q, transport, &mut out).await;
         debug!(%client, qtype = q.qtype, rcode = out.get(3).map(|b| b & 0x0f), len = out.len(), "answered");
         Some(out)
+    }
+
+    fn stale_candidate(&self, q: &Query<'_>) -> Option<Arc<Entry>> {
+        self.config.cache.stale?;
+        let key = Key::for_query(q)?;
+        self.cache.get_stale(key.as_bytes(), Instant::now())
+    }
+
+    /// Serve-stale (RFC 8767 section 5): the refresh runs as its own task, so it completes
+    /// and updates the cache whatever happens here. The client gets its answer if that comes
+    /// within `stale_answer_after` and is not a failure; otherwise the stale entry, TTL 30.
+    async fn fresh_or_stale(
+        self: &Arc<Self>,
+        stale: Arc<Entry>,
+        msg: Bytes,
+        q: &Query<'_>,
+        transport: Transport,
+    ) -> Vec<u8> {
+        let wait = self
+            .config
+            .cache
+            .stale
+            .map_or(Duration::ZERO, |s| s.answer_after);
+        let h = self.clone();
+        let mut refresh = tokio::spawn(async move {
+            let q = Query::parse(&msg).ok()?;
+            let mut out = Vec::new();
+            h.resolve(&q, transport, &mut out).await;
+            Some(out)
+        });
+        if let Ok(Ok(Some(out))) = tokio::time::timeout(wait, &mut refresh).await {
+            let rcode = wire::Header::read(&out).map(|h| h.rcode());
+            if rcode != Some(wire::RCODE_SERVFAIL) && rcode != Some(wire::RCODE_REFUSED) {
+                return out;
+            }
+        }
+        debug!("serving stale");
+        let mut out = Vec::new();
+        let limit = self.limit(q, transport);
+        if !stale
+            .answer
+            .render_stale(q.id(), q.question(), STALE_TTL, limit, &mut out)
+        {
+            response::error_for(q, wire::RCODE_SERVFAIL, &mut out);
+        }
+        out
     }
 
     /// Steps 5-7 for a query that missed the cache.

@@ -124,6 +124,31 @@ impl Prepared {
         limit: usize,
         out: &mut Vec<u8>,
     ) -> bool {
+        let age = |ttl: u32| ttl.saturating_sub(age_secs);
+        let fix = (age_secs > 0).then_some(&age as &dyn Fn(u32) -> u32);
+        self.render_ttl(id, question, fix, limit, out)
+    }
+
+    /// Like [`Prepared::render`], with every TTL set to `ttl` (serve-stale, RFC 8767).
+    pub fn render_stale(
+        &self,
+        id: u16,
+        question: &[u8],
+        ttl: u32,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        self.render_ttl(id, question, Some(&|_| ttl), limit, out)
+    }
+
+    fn render_ttl(
+        &self,
+        id: u16,
+        question: &[u8],
+        fix: Option<&dyn Fn(u32) -> u32>,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
         if HEADER_LEN + question.len() != self.question_end as usize {
             return false;
         }
@@ -135,11 +160,11 @@ impl Prepared {
         out.extend_from_slice(&self.wire);
         wire::put_u16(out, 0, id);
         out[HEADER_LEN..self.question_end as usize].copy_from_slice(question);
-        if age_secs > 0 {
+        if let Some(fix) = fix {
             for &off in self.ttl_offsets.iter() {
                 let off = off as usize;
                 let ttl = wire::u32_at(out, off).unwrap_or(0);
-                wire::put_u32(out, off, ttl.saturating_sub(age_secs));
+                wire::put_u32(out, off, fix(ttl));
             }
         }
         true

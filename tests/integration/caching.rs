@@ -339,3 +339,71 @@ async fn at_the_inflight_cap_misses_fail_fast_and_hits_are_served() {
         assert_eq!(t.await.unwrap(), 2);
     }
 }
+
+fn stale_on(c: &mut flatdns::config::Config) {
+    c.cache.stale = Some(flatdns::config::StaleConfig {
+        answer_after: Duration::from_millis(200),
+        max_age: Duration::from_secs(86_400),
+    });
+    c.timeout = Duration::from_secs(2);
+    c.limits.client_deadline = Duration::from_secs(3);
+}
+
+const SHORT: &str = "
+example. 3600 IN SOA ns.example. host.example. 1 3600 600 86400 300
+one.example. 1 IN A 192.0.2.7
+";
+
+#[tokio::test]
+async fn serve_stale_answers_when_the_refresh_is_slow_and_the_refresh_lands() {
+    let mock = Mock::start(SHORT).await;
+    let proxy = Proxy::start(&[mock.addr], stale_on).await;
+    let q = Q::new("one.example.", A);
+    assert_eq!(
+        proxy.udp(&q).await.answer,
+        vec!["one.example. 1 A 192.0.2.7"]
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    mock.set("one.example.", Behavior::Delay(Duration::from_millis(600)));
+    let started = std::time::Instant::now();
+    let r = proxy.udp(&q).await;
+    assert_eq!(
+        r.answer,
+        vec!["one.example. 30 A 192.0.2.7"],
+        "stale, TTL 30"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(550),
+        "{:?}",
+        started.elapsed()
+    );
+    // The refresh went on and refreshed the cache.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(mock.count("one.example.", A), 2);
+    let r = hit(proxy.handler(), &q).expect("fresh entry from the refresh");
+    assert_eq!(r.answer, vec!["one.example. 1 A 192.0.2.7"]);
+}
+
+#[tokio::test]
+async fn serve_stale_answers_when_the_upstream_fails() {
+    let mock = Mock::start(SHORT).await;
+    let proxy = Proxy::start(&[mock.addr], stale_on).await;
+    let q = Q::new("one.example.", A);
+    proxy.udp(&q).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    mock.set("one.example.", Behavior::Servfail);
+    let r = proxy.udp(&q).await;
+    assert_eq!(r.rcode(), 0);
+    assert_eq!(r.answer, vec!["one.example. 30 A 192.0.2.7"]);
+}
+
+#[tokio::test]
+async fn without_serve_stale_an_expired_entry_is_never_served() {
+    let mock = Mock::start(SHORT).await;
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let q = Q::new("one.example.", A);
+    proxy.udp(&q).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    mock.set("one.example.", Behavior::Servfail);
+    assert_eq!(proxy.udp(&q).await.rcode(), 2);
+}
