@@ -6,3 +6,4 @@ mod caching;
 mod flattening;
 mod forwarding;
 mod harness;
+mod tcp_limits;

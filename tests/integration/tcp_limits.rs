@@ -1,0 +1,174 @@
+//! TCP abuse (R12, R13, R15): connection caps, trickling and idle clients, UDP unaffected.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::*;
+
+const ZONE: &str = "www.example. 300 IN A 192.0.2.1";
+
+/// True when the server closed the connection (EOF or reset) within `wait`.
+async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(wait, s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn connections_per_client_are_capped_and_udp_keeps_answering() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |c| {
+        c.limits.tcp_per_client = 16;
+        c.limits.tcp_connections = 256;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        tcp_send(&mut s, &Q::new("www.example.", A).wire()).await;
+        assert_eq!(R::parse(&tcp_recv(&mut s).await).answer.len(), 1);
+        held.push(s);
+    }
+    // The 17th from the same address is closed at once.
+    let mut extra = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(closed_within(&mut extra, Duration::from_secs(2)).await);
+    // UDP is unaffected at the cap.
+    assert_eq!(proxy.udp(&Q::new("www.example.", A)).await.answer.len(), 1);
+    // A slot frees when a connection closes.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = TcpStream::connect(proxy.addr).await.unwrap();
+    tcp_send(&mut again, &Q::new("www.example.", A).wire()).await;
+    assert_eq!(R::parse(&tcp_recv(&mut again).await).answer.len(), 1);
+}
+
+#[tokio::test]
+async fn total_connections_are_capped() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |c| {
+        c.limits.tcp_per_client = 100;
+        c.limits.tcp_connections = 8;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        tcp_send(&mut s, &Q::new("www.example.", A).wire()).await;
+        tcp_recv(&mut s).await;
+        held.push(s);
+    }
+    let mut extra = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(closed_within(&mut extra, Duration::from_secs(2)).await);
+}
+
+#[tokio::test]
+async fn a_trickling_client_is_cut_off_by_the_message_deadline() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |c| {
+        c.limits.tcp_message_timeout = Duration::from_millis(500);
+        c.limits.tcp_idle_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let q = Q::new("www.example.", A).wire();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    let started = Instant::now();
+    // One byte every 200 ms: the message would take seconds; the server closes at ~0.5 s.
+    let mut closed_at = None;
+    for b in framed {
+        if s.write_all(&[b]).await.is_err() {
+            closed_at = Some(started.elapsed());
+            break;
+        }
+        if closed_within(&mut s, Duration::from_millis(200)).await {
+            closed_at = Some(started.elapsed());
+            break;
+        }
+    }
+    let at = closed_at.expect("the server closed the connection");
+    assert!(at < Duration::from_secs(3), "closed after {at:?}");
+    assert!(
+        at >= Duration::from_millis(400),
+        "not before the deadline: {at:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |c| {
+        c.limits.tcp_idle_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    tcp_send(&mut s, &Q::new("www.example.", A).wire()).await;
+    assert_eq!(R::parse(&tcp_recv(&mut s).await).answer.len(), 1);
+    assert!(closed_within(&mut s, Duration::from_secs(2)).await);
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_dropped_after_the_write_timeout() {
+    let mut z = String::from(ZONE);
+    for i in 1..=40 {
+        z.push_str(&format!("\nbig.example. 300 IN A 10.9.0.{i}"));
+    }
+    let mock = Mock::start(&z).await;
+    let proxy = Proxy::start(&[mock.addr], |c| {
+        c.limits.tcp_write_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    // Warm the cache, then send queries without ever reading the ~1 KB answers.
+    tcp_send(&mut s, &Q::new("big.example.", A).wire()).await;
+    let q = Q::new("big.example.", A).wire();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    let batch: Vec<u8> = framed
+        .iter()
+        .copied()
+        .cycle()
+        .take(framed.len() * 1000)
+        .collect();
+    let started = Instant::now();
+    let mut write_failed = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        match tokio::time::timeout(Duration::from_secs(1), s.write_all(&batch)).await {
+            Ok(Ok(())) => {}
+            // Our writes stall (the server stopped reading) or fail (it closed): either way
+            // the server gave up on us.
+            _ => {
+                write_failed = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        write_failed,
+        "the server kept reading from a client that never reads"
+    );
+    // Back-pressure alone would also stall us; the write timeout must close the connection.
+    // Without it, draining would go on as long as we read.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut buf = vec![0u8; 65536];
+    let mut closed = false;
+    let drain = Instant::now();
+    while drain.elapsed() < Duration::from_secs(5) {
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(closed, "connection still open after the write timeout");
+    // And it is still serving others.
+    assert_eq!(proxy.udp(&Q::new("www.example.", A)).await.answer.len(), 1);
+    assert_eq!(proxy.tcp(&Q::new("www.example.", A)).await.answer.len(), 1);
+}
