@@ -2,7 +2,7 @@
 //!
 //! 1. scan the query (no header or QR=1: drop; malformed: FORMERR)
 //! 2. ACL (outside: REFUSED, nothing goes upstream)
-//! 3. EDNS version (not 0: BADVERS); ANY over UDP: TC=1 (RFC 8482, so nothing is amplified)
+//! 3. EDNS version (not 0: BADVERS); opcode other than QUERY/NOTIFY/UPDATE: NOTIMP; ANY over UDP: TC=1 (RFC 8482, so nothing is amplified)
 //! 4. cache lookup (hit: the stored answer with the client's ID, question bytes, aged TTLs)
 //! 5. miss: the client takes a pending slot (R9), then coalesce on the key; the leader takes
 //!    an in-flight permit (R11) and asks the upstream
@@ -145,6 +145,14 @@ impl Handler {
             // RFC 6891 6.1.3: BADVERS, advertising the version we do support (0).
             let opt = response::own_opt(&q, wire::EXT_RCODE_BADVERS);
             response::error(q.id(), q.header.flags, Some(q.question()), 0, opt, out);
+            return Fast::Reply;
+        }
+        if !matches!(
+            q.header.opcode(),
+            wire::OPCODE_QUERY | wire::OPCODE_NOTIFY | wire::OPCODE_UPDATE
+        ) {
+            // RFC 8906 3.1.4: an opcode we do not know gets NOTIMP, as BIND answers it.
+            response::error_for(&q, wire::RCODE_NOTIMP, out);
             return Fast::Reply;
         }
         if q.qtype == wire::TYPE_ANY && transport == Transport::Udp {

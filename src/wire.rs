@@ -23,6 +23,8 @@ pub const TYPE_ANY: u16 = 255;
 pub const CLASS_IN: u16 = 1;
 
 pub const OPCODE_QUERY: u8 = 0;
+pub const OPCODE_NOTIFY: u8 = 4;
+pub const OPCODE_UPDATE: u8 = 5;
 
 pub const RCODE_NOERROR: u8 = 0;
 pub const RCODE_FORMERR: u8 = 1;

@@ -402,3 +402,19 @@ async fn any_over_udp_gets_tc_and_no_upstream_query() {
     let r = proxy.tcp(&Q::new("www.example.", ANY)).await;
     assert_eq!(r.answer.len(), 2);
 }
+
+#[tokio::test]
+async fn unknown_opcodes_get_notimp_without_upstream_traffic() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let mut q = Q::new("www.example.", A).id(31).edns(1232, false).wire();
+    q[2] = (q[2] & 0x87) | (15 << 3);
+    let r = R::parse(
+        &udp_exchange(proxy.addr, &q, Duration::from_secs(2))
+            .await
+            .unwrap(),
+    );
+    assert_eq!((r.id, r.rcode(), (r.flags >> 11) & 0xf), (31, 4, 15));
+    assert!(r.opt.is_some());
+    assert_eq!(mock.total(), 0);
+}
