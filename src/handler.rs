@@ -27,10 +27,11 @@ use tracing::debug;
 
 use crate::cache::{keyflag, Cache, Entry, Key, Kind};
 use crate::config::{Config, STALE_TTL};
+use crate::cookie::CookieSecret;
 use crate::flatten::{self, Chain, Skip, Step};
 use crate::inflight::{Inflight, Join};
 use crate::limit::PerClient;
-use crate::response::{self, OptFields};
+use crate::response::{self, OptFields, Prepared};
 use crate::upstream::Upstream;
 use crate::wire::{self, Query, QueryError};
 
@@ -75,6 +76,7 @@ pub struct Handler {
     resolver: Upstream,
     permits: Semaphore,
     pending: Arc<PerClient>,
+    cookies: CookieSecret,
 }
 
 impl Handler {
@@ -91,6 +93,7 @@ impl Handler {
             inflight: Inflight::new(config.limits.waiters_per_key),
             permits: Semaphore::new(config.limits.max_inflight),
             pending: PerClient::new(config.limits.pending_per_client),
+            cookies: CookieSecret::random(),
             upstream,
             resolver,
             config,
@@ -164,13 +167,11 @@ impl Handler {
         if let Some(key) = Key::for_query(&q) {
             let now = Instant::now();
             if let Some(e) = self.cache.get(key.as_bytes(), now) {
-                if e.answer.render(
-                    q.id(),
-                    q.question(),
-                    e.age(now),
-                    self.limit(&q, transport),
-                    out,
-                ) {
+                let limit = self.limit(&q, transport);
+                if e.answer
+                    .render(q.id(), q.question(), e.age(now), limit, out)
+                {
+                    self.add_cookie(&e.answer, &q, client.ip(), limit, out);
                     return Fast::Reply;
                 }
             }
@@ -198,9 +199,12 @@ impl Handler {
             return Some(out);
         };
         if let Some(stale) = self.stale_candidate(&q) {
-            return Some(self.fresh_or_stale(stale, msg.clone(), &q, transport).await);
+            return Some(
+                self.fresh_or_stale(stale, msg.clone(), &q, client.ip(), transport)
+                    .await,
+            );
         }
-        self.resolve(&q, transport, &mut out).await;
+        self.resolve(&q, client.ip(), transport, &mut out).await;
         debug!(%client, qtype = q.qtype, rcode = out.get(3).map(|b| b & 0x0f), len = out.len(), "answered");
         Some(out)
     }
@@ -219,6 +223,7 @@ impl Handler {
         stale: Arc<Entry>,
         msg: Bytes,
         q: &Query<'_>,
+        client: IpAddr,
         transport: Transport,
     ) -> Vec<u8> {
         let wait = self
@@ -227,10 +232,11 @@ impl Handler {
             .stale
             .map_or(Duration::ZERO, |s| s.answer_after);
         let h = self.clone();
+        let ip = client;
         let mut refresh = tokio::spawn(async move {
             let q = Query::parse(&msg).ok()?;
             let mut out = Vec::new();
-            h.resolve(&q, transport, &mut out).await;
+            h.resolve(&q, ip, transport, &mut out).await;
             Some(out)
         });
         if let Ok(Ok(Some(out))) = tokio::time::timeout(wait, &mut refresh).await {
@@ -242,17 +248,42 @@ impl Handler {
         debug!("serving stale");
         let mut out = Vec::new();
         let limit = self.limit(q, transport);
-        if !stale
+        if stale
             .answer
             .render_stale(q.id(), q.question(), STALE_TTL, limit, &mut out)
         {
+            self.add_cookie(&stale.answer, q, client, limit, &mut out);
+        } else {
             response::error_for(q, wire::RCODE_SERVFAIL, &mut out);
         }
         out
     }
 
+    /// Our own server cookie for a client that sent one, on a shared answer that was not
+    /// truncated (the other client's cookie was stripped from it, R24).
+    fn add_cookie(
+        &self,
+        answer: &Prepared,
+        q: &Query<'_>,
+        client: IpAddr,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) {
+        if let (Some(c), Some(pos)) = (q.edns.and_then(|e| e.cookie), answer.opt_rdlen()) {
+            if out.len() == answer.len() {
+                self.cookies.append(out, pos, &c, client, limit);
+            }
+        }
+    }
+
     /// Steps 5-7 for a query that missed the cache.
-    async fn resolve(&self, q: &Query<'_>, transport: Transport, out: &mut Vec<u8>) {
+    async fn resolve(
+        &self,
+        q: &Query<'_>,
+        client: IpAddr,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) {
         let deadline = Instant::now() + self.config.limits.client_deadline;
         let limit = self.limit(q, transport);
         let tcp = transport == Transport::Tcp;
@@ -273,7 +304,9 @@ impl Handler {
             }
             Got::Leader(Produced { entry: Some(e), .. }) | Got::Shared(e) => {
                 let age = e.age(Instant::now());
-                if !e.answer.render(q.id(), q.question(), age, limit, out) {
+                if e.answer.render(q.id(), q.question(), age, limit, out) {
+                    self.add_cookie(&e.answer, q, client, limit, out);
+                } else {
                     response::error_for(q, wire::RCODE_SERVFAIL, out);
                 }
             }

@@ -31,6 +31,7 @@
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod cookie;
 pub mod flatten;
 pub mod handler;
 pub mod inflight;

@@ -27,6 +27,9 @@ pub struct Prepared {
     ttl_offsets: Box<[u16]>,
     question_end: u16,
     opt: Option<OptFields>,
+    /// Where the OPT record's RDLENGTH sits, when the OPT is the last record (so an option
+    /// such as our own COOKIE can be appended to the rendered reply).
+    opt_rdlen: Option<u16>,
 }
 
 impl Prepared {
@@ -46,7 +49,7 @@ impl Prepared {
                 ttl: r.ttl(reply),
             });
             let rdata = &reply[r.rdata.clone()];
-            let opts = wire::options(rdata).ok()?;
+            let opts: Vec<_> = wire::options(rdata).collect::<Result<_, _>>().ok()?;
             if opts
                 .iter()
                 .any(|(c, _)| *c == wire::OPT_COOKIE || *c == wire::OPT_ECS)
@@ -65,6 +68,11 @@ impl Prepared {
                 wire_bytes.extend_from_slice(&kept);
             }
         }
+        // Set by every record, so it ends up `Some` only when the OPT is the last one.
+        let mut opt_rdlen = None;
+        let _ = wire::walk_records(&wire_bytes, |r| {
+            opt_rdlen = (r.rtype == wire::TYPE_OPT).then(|| (r.rdata.start - 2) as u16);
+        });
         let mut ttl_offsets = Vec::with_capacity(records.len());
         for r in records.iter().filter(|r| r.rtype != wire::TYPE_OPT) {
             let ttl = ttl_fix(r.ttl(reply));
@@ -76,11 +84,16 @@ impl Prepared {
             ttl_offsets: ttl_offsets.into_boxed_slice(),
             question_end: u16::try_from(question_end).ok()?,
             opt,
+            opt_rdlen,
         })
     }
 
     pub fn wire(&self) -> &[u8] {
         &self.wire
+    }
+    /// Offset of the OPT's RDLENGTH when the OPT is the last record.
+    pub fn opt_rdlen(&self) -> Option<usize> {
+        self.opt_rdlen.map(usize::from)
     }
     pub fn header(&self) -> Header {
         // A Prepared message always has a full header (walk_records checked it).

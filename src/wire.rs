@@ -242,7 +242,8 @@ pub struct Edns {
     /// The 16 flag bits (DO is the top one).
     pub flags: u16,
     pub has_ecs: bool,
-    pub has_cookie: bool,
+    /// The client cookie (first 8 octets of a COOKIE option, RFC 7873).
+    pub cookie: Option<[u8; 8]>,
 }
 
 impl Edns {
@@ -258,12 +259,23 @@ impl Edns {
             version: (ttl >> 16) as u8,
             flags: ttl as u16,
             has_ecs: false,
-            has_cookie: false,
+            cookie: None,
         };
-        for (code, _) in options(&msg[r.rdata.clone()])? {
+        let rdata = &msg[r.rdata.clone()];
+        for opt in options(rdata) {
+            let (code, range) = opt?;
             match code {
                 OPT_ECS => e.has_ecs = true,
-                OPT_COOKIE => e.has_cookie = true,
+                OPT_COOKIE => {
+                    // RFC 7873 5.2.2: 8 octets, or 16 to 40 with a server cookie; else FORMERR.
+                    let data = &rdata[range.start + 4..range.end];
+                    if data.len() != 8 && !(16..=40).contains(&data.len()) {
+                        return Err(WireError::BadOpt);
+                    }
+                    let mut c = [0u8; 8];
+                    c.copy_from_slice(&data[..8]);
+                    e.cookie = Some(c);
+                }
                 _ => {}
             }
         }
@@ -275,21 +287,38 @@ impl Edns {
     }
 }
 
-/// Splits OPT rdata into `(code, range of the whole option)` pairs; fails on a cut option.
-pub fn options(rdata: &[u8]) -> Result<Vec<(u16, Range<usize>)>, WireError> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < rdata.len() {
-        let code = u16_at(rdata, pos).ok_or(WireError::BadOpt)?;
-        let len = u16_at(rdata, pos + 2).ok_or(WireError::BadOpt)? as usize;
-        let end = pos + 4 + len;
-        if end > rdata.len() {
-            return Err(WireError::BadOpt);
+/// Iterates over OPT rdata as `(code, range of the whole option)`; an error ends it (a cut
+/// option). No allocation: this runs for every query with EDNS.
+pub fn options(rdata: &[u8]) -> Options<'_> {
+    Options { rdata, pos: 0 }
+}
+
+pub struct Options<'a> {
+    rdata: &'a [u8],
+    pos: usize,
+}
+
+impl Iterator for Options<'_> {
+    type Item = Result<(u16, Range<usize>), WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.rdata.len() {
+            return None;
         }
-        out.push((code, pos..end));
-        pos = end;
+        let pos = self.pos;
+        let parsed = u16_at(self.rdata, pos).zip(u16_at(self.rdata, pos + 2));
+        let Some((code, len)) = parsed else {
+            self.pos = self.rdata.len();
+            return Some(Err(WireError::BadOpt));
+        };
+        let end = pos + 4 + len as usize;
+        if end > self.rdata.len() {
+            self.pos = self.rdata.len();
+            return Some(Err(WireError::BadOpt));
+        }
+        self.pos = end;
+        Some(Ok((code, pos..end)))
     }
-    Ok(out)
 }
 
 /// A client query, scanned but not copied.
@@ -460,19 +489,28 @@ mod tests {
     fn reads_edns() {
         let mut q = query(b"\x00", 1);
         q[11] = 1;
-        // OPT: root, type 41, size 4096, ext 0, version 0, DO, rdlen 8, cookie option (4 bytes).
-        q.extend_from_slice(&[
-            0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 8, 0, 10, 0, 4, 1, 2, 3, 4,
-        ]);
+        // OPT: root, type 41, size 4096, ext 0, version 0, DO, rdlen 12, cookie (8 octets).
+        q.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 12, 0, 10, 0, 8]);
+        q.extend_from_slice(b"CLIENTCK");
         let p = Query::parse(&q).unwrap();
         let e = p.edns.unwrap();
-        assert!(e.do_bit() && e.has_cookie && !e.has_ecs);
+        assert!(e.do_bit() && !e.has_ecs);
+        assert_eq!(e.cookie, Some(*b"CLIENTCK"));
         assert_eq!(p.udp_limit(1232), 1232);
-        // Cut option.
-        let n = q.len();
-        q[n - 9] = 9;
-        q.truncate(n);
-        assert!(Query::parse(&q).is_err());
+        // A cookie of 5 octets is malformed (RFC 7873): FORMERR.
+        let mut bad = q.clone();
+        let n = bad.len();
+        bad[n - 9] = 5;
+        bad.truncate(n - 3);
+        bad[n - 14] = 9;
+        assert_eq!(
+            Query::parse(&bad).unwrap_err(),
+            QueryError::FormErr { question_ok: true }
+        );
+        // An option cut short.
+        let mut cut = q.clone();
+        cut[n - 9] = 20;
+        assert!(Query::parse(&cut).is_err());
     }
 
     #[test]

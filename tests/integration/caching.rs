@@ -203,6 +203,15 @@ async fn cookies_are_not_replayed_to_another_client() {
     assert_eq!(mock.count("www.example.", A), 1, "served from the cache");
     let opt = r.opt.unwrap();
     assert!(!opt.2.windows(8).any(|w| w == b"AAAAAAAA"));
+    // B gets its own client cookie back with flatdns's server cookie (RFC 7873/9018).
+    assert_eq!(&opt.2[..4], &[0, 10, 0, 24]);
+    assert_eq!(&opt.2[4..12], b"BBBBBBBB");
+    assert_eq!(opt.2[12], 1, "server cookie version 1");
+    // A malformed cookie (5 octets) is a FORMERR, as BIND answers it.
+    let bad = Q::new("www.example.", A)
+        .edns(1232, false)
+        .option(10, b"short");
+    assert_eq!(proxy.udp(&bad).await.rcode(), 1);
 }
 
 #[tokio::test]
