@@ -123,6 +123,8 @@ pub struct Limits {
     pub tcp_idle_timeout: Duration,
     pub tcp_message_timeout: Duration,
     pub tcp_write_timeout: Duration,
+    /// How long an upstream TCP connection with nothing outstanding stays open (R26).
+    pub upstream_tcp_idle: Duration,
 }
 
 /// The validated configuration.
@@ -224,6 +226,7 @@ struct RawLimits {
     tcp_idle_timeout: S<RawDuration>,
     tcp_message_timeout: S<RawDuration>,
     tcp_write_timeout: S<RawDuration>,
+    upstream_tcp_idle: S<RawDuration>,
 }
 
 /// A value with where it came from, on its way to validation.
@@ -698,6 +701,12 @@ impl Config {
                 "limits.tcp_write_timeout",
                 Duration::from_millis(100),
                 Duration::from_secs(60),
+            )?,
+            upstream_tcp_idle: dur(
+                &l.pick_dur(("", None), &m.upstream_tcp_idle, "10s"),
+                "limits.upstream_tcp_idle",
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
             )?,
         };
 

@@ -81,11 +81,21 @@ pub struct Handler {
 
 impl Handler {
     pub fn new(config: Config) -> Handler {
-        let upstream = Upstream::new(config.upstreams.clone(), config.timeout, config.attempts);
+        let upstream = Upstream::new(
+            config.upstreams.clone(),
+            config.timeout,
+            config.attempts,
+            config.limits.upstream_tcp_idle,
+        );
         let resolver = if config.resolvers.is_empty() {
             upstream.clone()
         } else {
-            Upstream::new(config.resolvers.clone(), config.timeout, config.attempts)
+            Upstream::new(
+                config.resolvers.clone(),
+                config.timeout,
+                config.attempts,
+                config.limits.upstream_tcp_idle,
+            )
         };
         Handler {
             allow: config.allow.clone(),

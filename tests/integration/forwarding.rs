@@ -418,3 +418,91 @@ async fn unknown_opcodes_get_notimp_without_upstream_traffic() {
     assert!(r.opt.is_some());
     assert_eq!(mock.total(), 0);
 }
+
+#[tokio::test]
+async fn upstream_tcp_connections_are_reused_and_closed_when_idle() {
+    let mut z = ZONE.to_string();
+    for i in 0..10 {
+        z.push_str(&format!("t{i}.example. 300 IN A 10.6.0.1\n"));
+    }
+    let mock = Mock::start(&z).await;
+    let proxy = Proxy::start(&[mock.addr], |c| {
+        c.limits.upstream_tcp_idle = Duration::from_millis(400)
+    })
+    .await;
+    // Ten TCP misses, five of them at once: one upstream connection carries them all.
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let addr = proxy.addr;
+        tasks.push(tokio::spawn(async move {
+            tcp_query(addr, &Q::new(&format!("t{i}.example."), A).wire()).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().answer.len(), 1);
+    }
+    for i in 5..10 {
+        assert_eq!(
+            proxy
+                .tcp(&Q::new(&format!("t{i}.example."), A))
+                .await
+                .answer
+                .len(),
+            1
+        );
+    }
+    let ports: std::collections::HashSet<u16> = mock
+        .log()
+        .iter()
+        .filter(|l| l.tcp)
+        .map(|l| l.src.port())
+        .collect();
+    assert_eq!(mock.log().iter().filter(|l| l.tcp).count(), 10);
+    assert_eq!(ports.len(), 1, "one reused connection");
+    // After the idle timeout the connection is gone; the next query opens a new one.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    proxy.tcp(&Q::new("www.example.", AAAA)).await;
+    let ports: std::collections::HashSet<u16> = mock
+        .log()
+        .iter()
+        .filter(|l| l.tcp)
+        .map(|l| l.src.port())
+        .collect();
+    assert_eq!(ports.len(), 2);
+}
+
+#[tokio::test]
+async fn refused_upstream_tcp_backs_off() {
+    // UDP only: TCP connects are refused.
+    let mock = Mock::start_with(ZONE, false).await;
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    // Four refused connects, each after the previous back-off ran out: 100, 200, 400, 800 ms.
+    // Distinct names: a repeat would be answered by the cached SERVFAIL.
+    for (i, wait) in [150, 250, 450, 0].into_iter().enumerate() {
+        assert_eq!(proxy.tcp(&Q::new(&format!("b{i}.example."), A)).await.rcode(), 2);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+    // Something now listens on that TCP port and counts connects.
+    let listener = tokio::net::TcpListener::bind(mock.addr).await.unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let acceptor = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    // Within the back-off (800 ms after the last refusal) no connect is tried.
+    assert_eq!(proxy.tcp(&Q::new("www.example.", AAAA)).await.rcode(), 2);
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no connect while backing off"
+    );
+    // After it, connects resume.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let _ = proxy.tcp(&Q::new("www.example.", TXT)).await;
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    acceptor.abort();
+}

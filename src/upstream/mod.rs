@@ -7,14 +7,19 @@
 //! accepted only if its ID, QR bit, opcode and question (name compared without case, type,
 //! class) match the query and the whole message scans; anything else is discarded and the wait
 //! goes on until the attempt's deadline (R3).
+//!
+//! TCP queries (from TCP clients, and retries of truncated UDP replies) go over one reused,
+//! pipelined connection per server ([`pool`]).
+
+mod pool;
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::time::{timeout_at, Instant};
 use tracing::debug;
 
@@ -26,21 +31,31 @@ pub enum UpstreamError {
     Timeout,
     #[error("{0}")]
     Io(#[from] io::Error),
-    #[error("TCP reply did not match the query")]
-    Mismatch,
 }
 
 /// A set of nameservers asked in order, one attempt each, at most `attempts` in all.
-#[derive(Debug, Clone)]
+/// Clones share the TCP connections.
+#[derive(Clone)]
 pub struct Upstream {
     servers: Vec<SocketAddr>,
+    pools: Arc<[pool::Pool]>,
     timeout: Duration,
     attempts: usize,
 }
 
 impl Upstream {
-    pub fn new(servers: Vec<SocketAddr>, timeout: Duration, attempts: usize) -> Upstream {
+    /// `tcp_idle`: how long an upstream TCP connection with nothing outstanding stays open.
+    pub fn new(
+        servers: Vec<SocketAddr>,
+        timeout: Duration,
+        attempts: usize,
+        tcp_idle: Duration,
+    ) -> Upstream {
         Upstream {
+            pools: servers
+                .iter()
+                .map(|&s| pool::Pool::new(s, tcp_idle))
+                .collect(),
             servers,
             timeout,
             attempts: attempts.max(1),
@@ -73,12 +88,14 @@ impl Upstream {
             if now >= deadline {
                 break;
             }
-            let server = self.servers[attempt % self.servers.len()];
+            let index = attempt % self.servers.len();
+            let server = self.servers[index];
             let until = (now + self.timeout).min(deadline);
-            let result = match timeout_at(until, exchange(server, query, tcp)).await {
-                Ok(r) => r,
-                Err(_) => Err(UpstreamError::Timeout),
-            };
+            let result =
+                match timeout_at(until, exchange(server, &self.pools[index], query, tcp)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(UpstreamError::Timeout),
+                };
             match result {
                 Ok(reply) => {
                     let rcode = reply[3] & 0x0f;
@@ -101,18 +118,22 @@ impl Upstream {
 }
 
 /// One attempt: UDP (then TCP if truncated), or TCP directly.
-async fn exchange(server: SocketAddr, query: &[u8], tcp: bool) -> Result<Bytes, UpstreamError> {
+async fn exchange(
+    server: SocketAddr,
+    tcp_pool: &pool::Pool,
+    query: &[u8],
+    tcp: bool,
+) -> Result<Bytes, UpstreamError> {
+    if tcp {
+        return tcp_pool.query(query).await;
+    }
     let mut msg = query.to_vec();
     wire::put_u16(&mut msg, 0, rand::random::<u16>());
-    if tcp {
-        return tcp_exchange(server, &msg).await;
-    }
     let reply = udp_exchange(server, &msg).await?;
     if Header::read(&reply).is_some_and(|h| h.has(wire::FLAG_TC)) {
         debug!(%server, "truncated over UDP, retrying over TCP");
-        // Same attempt, same deadline; a fresh ID for the new transport.
-        wire::put_u16(&mut msg, 0, rand::random::<u16>());
-        return match tcp_exchange(server, &msg).await {
+        // Same attempt, same deadline; the pool sets a fresh ID.
+        return match tcp_pool.query(&msg).await {
             Ok(full) => Ok(full),
             // TCP failed: pass the truncated reply on (it is never cached).
             Err(e) => {
@@ -143,25 +164,6 @@ async fn udp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamE
         }
         debug!(%server, len = n, "discarded a reply that does not match the query");
     }
-}
-
-async fn tcp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamError> {
-    let mut s = TcpStream::connect(server).await?;
-    s.set_nodelay(true)?;
-    let len = u16::try_from(msg.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut framed = Vec::with_capacity(msg.len() + 2);
-    framed.extend_from_slice(&len.to_be_bytes());
-    framed.extend_from_slice(msg);
-    s.write_all(&framed).await?;
-    let n = s.read_u16().await? as usize;
-    let mut reply = vec![0u8; n];
-    s.read_exact(&mut reply).await?;
-    // Nothing else was asked on this connection: a reply that does not match means a
-    // confused or hostile server, not a late answer to wait past.
-    if !matches(msg, &reply) {
-        return Err(UpstreamError::Mismatch);
-    }
-    Ok(Bytes::from(reply))
 }
 
 /// Whether `reply` answers `query` (RFC 5452 section 9.1) and scans as a whole message.
