@@ -88,7 +88,7 @@ fn benches(c: &mut Criterion) {
     let reply = chain_reply(&q, 2);
     let parsed = Query::parse(&q).unwrap();
     let key = Key::for_query(&parsed).unwrap();
-    let entry = h.cache().entry_for(&reply, Instant::now()).unwrap();
+    let entry = h.cache().entry_for(&reply, Instant::now(), None).unwrap();
     h.cache().insert(key.as_bytes(), Arc::new(entry));
     let client: SocketAddr = "127.0.0.1:5353".parse().unwrap();
     let mut out = Vec::with_capacity(4096);

@@ -27,6 +27,8 @@ pub mod keyflag {
     pub const EDNS: u8 = 0x08;
     /// A chase lookup through the resolver, never shared with client queries sent upstream.
     pub const CHASE: u8 = 0x10;
+    /// AD=1 in the query asks for the AD bit in the answer (RFC 6840 5.7).
+    pub const AD: u8 = 0x20;
 }
 
 /// A cache key built on the stack: no allocation on the hit path.
@@ -73,6 +75,9 @@ impl Key {
         }
         if q.edns.is_some() {
             f |= keyflag::EDNS;
+        }
+        if q.header.has(wire::FLAG_AD) {
+            f |= keyflag::AD;
         }
         Key::new(f, q.qtype, q.qclass, q.qname())
     }
@@ -202,6 +207,11 @@ impl Cache {
 
     pub fn insert(&self, key: &[u8], entry: Arc<Entry>) {
         if let Some(c) = &self.inner {
+            // A failure must not evict an answer that serve-stale could still give (RFC 8767:
+            // stale data is for exactly the time the upstream fails).
+            if entry.kind == Kind::Failure && self.get_stale(key, entry.stored).is_some() {
+                return;
+            }
             if entry.kind != Kind::Uncached {
                 c.insert(key.into(), entry);
             }
@@ -224,9 +234,15 @@ impl Cache {
 
     /// Builds the entry for an upstream reply (RFC 2308 for negative answers, RFC 9520 for
     /// failures). `None` when the reply cannot be prepared for sharing.
-    pub fn entry_for(&self, reply: &[u8], now: Instant) -> Option<Entry> {
-        let p = self.prepare(reply)?;
+    ///
+    /// `cap` bounds the lifetime further (a fallback answer lives no longer than its reason).
+    /// Every TTL in the stored message is capped at the lifetime, so no client is told to
+    /// keep a record longer than flatdns itself keeps it (an SOA in a negative answer, say).
+    pub fn entry_for(&self, reply: &[u8], now: Instant, cap: Option<u32>) -> Option<Entry> {
+        let mut p = self.prepare(reply)?;
         let (kind, lifetime) = self.lifetime(p.wire());
+        let lifetime = cap.map_or(lifetime, |c| lifetime.min(c));
+        p.cap_ttls(lifetime);
         Some(Entry::new(p, kind, lifetime, now))
     }
 
@@ -270,9 +286,16 @@ impl Cache {
             return (Kind::Uncached, 0);
         }
         match h.rcode() {
+            // No record at all (an OPT counted as an answer): nothing to time it by.
+            wire::RCODE_NOERROR if h.ancount > 0 && min_all == u32::MAX => (Kind::Uncached, 0),
             wire::RCODE_NOERROR if h.ancount > 0 => (Kind::Positive, min_all),
+            // A negative answer lives no longer than any record in it (a CNAME before the
+            // NXDOMAIN, say) nor than the RFC 2308 SOA rule allows.
             wire::RCODE_NOERROR | wire::RCODE_NXDOMAIN => match soa {
-                Some(t) => (Kind::Negative, t.min(self.policy.negative_ttl_max)),
+                Some(t) => (
+                    Kind::Negative,
+                    t.min(min_all).min(self.policy.negative_ttl_max),
+                ),
                 None if ns && h.rcode() == wire::RCODE_NOERROR => (Kind::Positive, min_all),
                 None => (Kind::Uncached, 0),
             },
@@ -283,5 +306,112 @@ impl Cache {
 
     pub fn policy(&self) -> &CacheConfig {
         &self.policy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CacheConfig;
+
+    fn policy() -> Cache {
+        Cache::new(&CacheConfig {
+            size: 10,
+            min_ttl: 0,
+            max_ttl: 86_400,
+            negative_ttl_max: 3600,
+            failure_ttl: 5,
+            stale: None,
+        })
+    }
+
+    /// Header with `rcode`, question `x.`/A, then `records` (already wire-encoded, owner
+    /// `x.`), counted as answer, authority and additional as given.
+    fn msg(rcode: u8, an: &[Vec<u8>], ns: &[Vec<u8>], ar: &[Vec<u8>]) -> Vec<u8> {
+        let mut m = vec![
+            0,
+            1,
+            0x84,
+            rcode,
+            0,
+            1,
+            0,
+            an.len() as u8,
+            0,
+            ns.len() as u8,
+            0,
+            ar.len() as u8,
+        ];
+        m.extend_from_slice(b"\x01x\x00\x00\x01\x00\x01");
+        for r in an.iter().chain(ns).chain(ar) {
+            m.extend_from_slice(r);
+        }
+        m
+    }
+
+    fn rr(rtype: u16, ttl: u32, rdata: &[u8]) -> Vec<u8> {
+        let mut r = vec![0xc0, 12];
+        r.extend_from_slice(&rtype.to_be_bytes());
+        r.extend_from_slice(&[0, 1]);
+        r.extend_from_slice(&ttl.to_be_bytes());
+        r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        r.extend_from_slice(rdata);
+        r
+    }
+
+    fn soa(ttl: u32, minimum: u32) -> Vec<u8> {
+        let mut rd = vec![0, 0]; // mname ".", rname "."
+        for v in [1u32, 3600, 600, 86400, minimum] {
+            rd.extend_from_slice(&v.to_be_bytes());
+        }
+        rr(wire::TYPE_SOA, ttl, &rd)
+    }
+
+    #[test]
+    fn negative_lifetime_is_bounded_by_every_record_and_the_soa_rule() {
+        let c = policy();
+        let cname = rr(wire::TYPE_CNAME, 30, b"\x01y\x00");
+        let m = msg(wire::RCODE_NXDOMAIN, &[cname], &[soa(3600, 300)], &[]);
+        assert_eq!(c.lifetime(&m), (Kind::Negative, 30));
+        let m = msg(wire::RCODE_NXDOMAIN, &[], &[soa(3600, 300)], &[]);
+        assert_eq!(c.lifetime(&m), (Kind::Negative, 300));
+        // The SOA's own TTL is lowered to the lifetime in what is served.
+        let e = c.entry_for(&m, Instant::now(), None).unwrap();
+        assert_eq!(e.answer.min_ttl(), Some(300));
+        let m = msg(wire::RCODE_NXDOMAIN, &[], &[], &[]);
+        assert_eq!(c.lifetime(&m), (Kind::Uncached, 0), "no SOA: not cached");
+    }
+
+    #[test]
+    fn an_answer_without_records_is_not_cached_forever() {
+        let c = policy();
+        let opt = vec![0, 0, 41, 4, 208, 0, 0, 0, 0, 0, 0];
+        let m = msg(wire::RCODE_NOERROR, &[opt], &[], &[]);
+        assert_eq!(c.lifetime(&m), (Kind::Uncached, 0));
+    }
+
+    #[test]
+    fn caps_bound_the_lifetime_and_failures_get_the_failure_ttl() {
+        let c = policy();
+        let m = msg(
+            wire::RCODE_NOERROR,
+            &[rr(wire::TYPE_A, 600, &[192, 0, 2, 1])],
+            &[],
+            &[],
+        );
+        let now = Instant::now();
+        let e = c.entry_for(&m, now, Some(5)).unwrap();
+        assert_eq!(e.expires, now + Duration::from_secs(5));
+        assert_eq!(e.answer.min_ttl(), Some(5));
+        let m = msg(wire::RCODE_SERVFAIL, &[], &[], &[]);
+        assert_eq!(c.lifetime(&m), (Kind::Failure, 5));
+        let mut tc = msg(
+            wire::RCODE_NOERROR,
+            &[rr(wire::TYPE_A, 600, &[192, 0, 2, 1])],
+            &[],
+            &[],
+        );
+        tc[2] |= 0x02;
+        assert_eq!(c.lifetime(&tc), (Kind::Uncached, 0));
     }
 }

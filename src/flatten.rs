@@ -23,6 +23,8 @@ pub enum Skip {
     Disabled,
     NotAddress,
     NotNoError,
+    /// The upstream's reply is truncated (its TCP retry failed).
+    Truncated,
     Dnssec,
     OutOfScope,
     Excluded,
@@ -47,6 +49,7 @@ impl Skip {
             Skip::Disabled => "disabled",
             Skip::NotAddress => "not-address",
             Skip::NotNoError => "not-noerror",
+            Skip::Truncated => "truncated",
             Skip::Dnssec => "dnssec",
             Skip::OutOfScope => "out-of-scope",
             Skip::Excluded => "excluded",

@@ -2,7 +2,7 @@
 //!
 //! 1. scan the query (no header or QR=1: drop; malformed: FORMERR)
 //! 2. ACL (outside: REFUSED, nothing goes upstream)
-//! 3. EDNS version (not 0: BADVERS); opcode other than QUERY/NOTIFY/UPDATE: NOTIMP; ANY over UDP: TC=1 (RFC 8482, so nothing is amplified)
+//! 3. EDNS version (not 0: BADVERS); NOTIFY/UPDATE: REFUSED; other opcodes: NOTIMP; ANY over UDP: TC=1 (RFC 8482, so nothing is amplified)
 //! 4. cache lookup (hit: the stored answer with the client's ID, question bytes, aged TTLs)
 //! 5. miss: the client takes a pending slot (R9), then coalesce on the key; the leader takes
 //!    an in-flight permit (R11) and asks the upstream
@@ -58,6 +58,12 @@ pub enum Fast {
 struct Produced {
     entry: Option<Arc<Entry>>,
     raw: Option<Bytes>,
+}
+
+/// Why the upstream's own answer is given, and how long it may be cached at most.
+struct Fallback {
+    skip: Skip,
+    cap: Option<u32>,
 }
 
 enum Got {
@@ -160,13 +166,19 @@ impl Handler {
             response::error(q.id(), q.header.flags, Some(q.question()), 0, opt, out);
             return Fast::Reply;
         }
-        if !matches!(
-            q.header.opcode(),
-            wire::OPCODE_QUERY | wire::OPCODE_NOTIFY | wire::OPCODE_UPDATE
-        ) {
+        match q.header.opcode() {
+            wire::OPCODE_QUERY => {}
+            // Forwarded, an UPDATE or NOTIFY would reach the upstream from flatdns's own
+            // address and slip past its address-based ACLs: refused as policy.
+            wire::OPCODE_NOTIFY | wire::OPCODE_UPDATE => {
+                response::error_for(&q, wire::RCODE_REFUSED, out);
+                return Fast::Reply;
+            }
             // RFC 8906 3.1.4: an opcode we do not know gets NOTIMP, as BIND answers it.
-            response::error_for(&q, wire::RCODE_NOTIMP, out);
-            return Fast::Reply;
+            _ => {
+                response::error_for(&q, wire::RCODE_NOTIMP, out);
+                return Fast::Reply;
+            }
         }
         if q.qtype == wire::TYPE_ANY && transport == Transport::Udp {
             // RFC 8482 4.4 allows TC=1 over UDP; a retry over TCP gets the upstream's answer.
@@ -182,6 +194,7 @@ impl Handler {
                     .render(q.id(), q.question(), e.age(now), limit, out)
                 {
                     self.add_cookie(&e.answer, &q, client.ip(), limit, out);
+                    debug!(%client, qtype = q.qtype, len = out.len(), "cache hit");
                     return Fast::Reply;
                 }
             }
@@ -298,7 +311,11 @@ impl Handler {
         let limit = self.limit(q, transport);
         let tcp = transport == Transport::Tcp;
         let Some(key) = Key::for_query(q) else {
-            // Not shareable: forward as is.
+            // Not shareable (ECS): forward as is, still within the in-flight limit (R11).
+            let Ok(_permit) = self.permits.try_acquire() else {
+                response::error_for(q, wire::RCODE_SERVFAIL, out);
+                return;
+            };
             match self.upstream.query(q.wire, tcp, deadline).await {
                 Ok(reply) => response::passthrough(&reply, q.id(), q.question(), limit, out),
                 Err(_) => response::error_for(q, wire::RCODE_SERVFAIL, out),
@@ -360,7 +377,7 @@ impl Handler {
             Err(e) => {
                 debug!(error = %e, "upstream failed");
                 return Produced {
-                    entry: self.failure_entry(q),
+                    entry: self.failure_entry(q, e.is_upstream_fault()),
                     raw: None,
                 };
             }
@@ -375,32 +392,36 @@ impl Handler {
                         raw: None,
                     };
                 }
+                let entry = self.cache.entry_for(&reply, now, None).map(Arc::new);
                 Produced {
-                    entry: self.cache.entry_for(&reply, now).map(Arc::new),
+                    entry,
                     raw: Some(reply),
                 }
             }
-            Err(skip) => {
+            Err(Fallback { skip, cap }) => {
                 debug!(reason = skip.as_str(), "passed through");
+                let entry = self.cache.entry_for(&reply, now, cap).map(Arc::new);
                 Produced {
-                    entry: self.cache.entry_for(&reply, now).map(Arc::new),
+                    entry,
                     raw: Some(reply),
                 }
             }
         }
     }
 
-    /// A SERVFAIL for `q`, cached for `failure_ttl` like an upstream SERVFAIL (R8).
-    fn failure_entry(&self, q: &Query<'_>) -> Option<Arc<Entry>> {
+    /// A SERVFAIL for `q`: cached for `failure_ttl` like an upstream SERVFAIL (R8) when the
+    /// upstream is at fault (timeout, refused), shared with waiters only when the fault is
+    /// ours (out of sockets, say), so a local hiccup is not remembered for seconds.
+    fn failure_entry(&self, q: &Query<'_>, cache_it: bool) -> Option<Arc<Entry>> {
         let mut msg = Vec::new();
         response::error_for(q, wire::RCODE_SERVFAIL, &mut msg);
         let p = self.cache.prepare(&msg)?;
-        Some(Arc::new(Entry::new(
-            p,
-            Kind::Failure,
-            self.config.cache.failure_ttl,
-            Instant::now(),
-        )))
+        let ttl = if cache_it {
+            self.config.cache.failure_ttl
+        } else {
+            0
+        };
+        Some(Arc::new(Entry::new(p, Kind::Failure, ttl, Instant::now())))
     }
 
     /// Decides whether `reply` is flattened and, if so, builds the flattened answer and its
@@ -410,33 +431,60 @@ impl Handler {
         q: &Query<'_>,
         reply: &[u8],
         deadline: Instant,
-    ) -> Result<(Vec<u8>, u32), Skip> {
+    ) -> Result<(Vec<u8>, u32), Fallback> {
         let mut start = Vec::with_capacity(q.qname().len());
         wire::push_lower(&mut start, q.qname());
-        flatten::eligible(&self.config.flatten, &start, q.qtype, q.qclass, q.do_bit())?;
+        let plain = |skip| Fallback { skip, cap: None };
+        flatten::eligible(&self.config.flatten, &start, q.qtype, q.qclass, q.do_bit())
+            .map_err(plain)?;
+        if wire::Header::read(reply).is_some_and(|h| h.has(wire::FLAG_TC)) {
+            // A cut answer (the TCP retry failed): never flattened, never cached (R16).
+            return Err(plain(Skip::Truncated));
+        }
         if !flatten::is_noerror(reply) {
-            return Err(Skip::NotNoError);
+            return Err(plain(Skip::NotNoError));
         }
         let mut chain = Chain::new(&start, self.config.flatten.max_chain);
         let mut step = flatten::follow(reply, &start, q.qtype, &mut chain);
+        // Once a chase answer decided the outcome, the upstream's answer may be cached only as
+        // long as that chase answer holds: a fallback must not outlive its reason (F4).
+        let mut cap: Option<u32> = None;
         loop {
             match step {
                 Step::Done(rrs) => {
                     let ttl = flatten::answer_ttl(&chain, &rrs);
-                    let out =
-                        flatten::build(reply, q.question(), &rrs, ttl).ok_or(Skip::Malformed)?;
+                    let out = flatten::build(reply, q.question(), &rrs, ttl).ok_or(Fallback {
+                        skip: Skip::Malformed,
+                        cap,
+                    })?;
                     return Ok((out, ttl));
                 }
-                Step::Fail(skip) => return Err(skip),
+                Step::Fail(skip) => return Err(Fallback { skip, cap }),
                 Step::Continue(target) => {
-                    let answer = self
-                        .chase(&target, q.qtype, deadline)
-                        .await
-                        .ok_or(Skip::ChaseFailed)?;
+                    let Some((answer, remaining)) = self.chase(&target, q.qtype, deadline).await
+                    else {
+                        let cap = Some(self.config.cache.failure_ttl);
+                        return Err(Fallback {
+                            skip: Skip::ChaseFailed,
+                            cap,
+                        });
+                    };
+                    cap = Some(cap.map_or(remaining, |c| c.min(remaining)));
                     match flatten::rcode(&answer) {
                         Some(wire::RCODE_NOERROR) => {}
-                        Some(wire::RCODE_NXDOMAIN) => return Err(Skip::Dangling),
-                        _ => return Err(Skip::ChaseFailed),
+                        Some(wire::RCODE_NXDOMAIN) => {
+                            return Err(Fallback {
+                                skip: Skip::Dangling,
+                                cap,
+                            })
+                        }
+                        _ => {
+                            let cap = Some(self.config.cache.failure_ttl);
+                            return Err(Fallback {
+                                skip: Skip::ChaseFailed,
+                                cap,
+                            });
+                        }
                     }
                     step = match flatten::follow(&answer, &target, q.qtype, &mut chain) {
                         Step::Continue(next) if next == target => Step::Fail(Skip::NoData),
@@ -449,8 +497,8 @@ impl Handler {
     }
 
     /// Looks `name`/`qtype` up through the resolver, cached and coalesced under a chase key,
-    /// and returns the answer with TTLs aged to now.
-    async fn chase(&self, name: &[u8], qtype: u16, deadline: Instant) -> Option<Vec<u8>> {
+    /// and returns the answer with TTLs aged to now, and how many seconds it stays cached.
+    async fn chase(&self, name: &[u8], qtype: u16, deadline: Instant) -> Option<(Vec<u8>, u32)> {
         let key = Key::new(
             keyflag::CHASE | keyflag::RD | keyflag::EDNS,
             qtype,
@@ -465,7 +513,10 @@ impl Handler {
                     let query =
                         flatten::chase_query(name, qtype, self.config.limits.udp_size as u16);
                     let entry = match self.resolver.query(&query, false, deadline).await {
-                        Ok(reply) => self.cache.entry_for(&reply, Instant::now()).map(Arc::new),
+                        Ok(reply) => self
+                            .cache
+                            .entry_for(&reply, Instant::now(), None)
+                            .map(Arc::new),
                         Err(e) => {
                             debug!(error = %e, "chase failed");
                             None
@@ -479,20 +530,17 @@ impl Handler {
                 }
             }
         };
+        let now = Instant::now();
+        let remaining = entry.expires.saturating_duration_since(now).as_secs() as u32;
         let mut out = Vec::new();
         let wire = entry.answer.wire();
         let question_end = wire::HEADER_LEN + name.len() + 4;
         let question = wire.get(wire::HEADER_LEN..question_end)?.to_vec();
+        let age = entry.age(now);
         entry
             .answer
-            .render(
-                0,
-                &question,
-                entry.age(Instant::now()),
-                usize::MAX,
-                &mut out,
-            )
-            .then_some(out)
+            .render(0, &question, age, usize::MAX, &mut out)
+            .then_some((out, remaining))
     }
 }
 

@@ -14,10 +14,6 @@ use tracing_subscriber::EnvFilter;
 use flatdns::cli::Cli;
 use flatdns::config::Config;
 
-/// How long in-flight queries get to finish after SIGINT/SIGTERM: longer than the client
-/// deadline (4.5 s by default), so every query already accepted is answered.
-const GRACE: Duration = Duration::from_secs(6);
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(&cli) {
@@ -80,6 +76,9 @@ fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     rt.block_on(async move {
         let sum = summary(&config);
+        let grace = config.limits.client_deadline
+            + config.limits.tcp_write_timeout
+            + Duration::from_secs(1);
         let running = flatdns::server::start(config).await?;
         let bound: Vec<String> = running
             .local_addrs()
@@ -89,7 +88,8 @@ fn run(config: Config) -> anyhow::Result<()> {
         info!(listen = %bound.join(", "), "flatdns {} serving\n{sum}", env!("CARGO_PKG_VERSION"));
         wait_for_signal().await?;
         info!("signal received: finishing queries in flight");
-        running.shutdown(GRACE).await;
+        // Every query already accepted gets its answer: its deadline, then the TCP write.
+        running.shutdown(grace).await;
         Ok(())
     })
 }

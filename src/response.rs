@@ -91,6 +91,16 @@ impl Prepared {
     pub fn wire(&self) -> &[u8] {
         &self.wire
     }
+    /// Lowers every TTL above `max` to `max`.
+    pub fn cap_ttls(&mut self, max: u32) {
+        for &off in self.ttl_offsets.iter() {
+            let off = off as usize;
+            if wire::u32_at(&self.wire, off).is_some_and(|t| t > max) {
+                wire::put_u32(&mut self.wire, off, max);
+            }
+        }
+    }
+
     /// Offset of the OPT's RDLENGTH when the OPT is the last record.
     pub fn opt_rdlen(&self) -> Option<usize> {
         self.opt_rdlen.map(usize::from)
@@ -264,11 +274,7 @@ pub fn error(
     out: &mut Vec<u8>,
 ) {
     out.clear();
-    let mut flags = wire::FLAG_QR | (query_flags & (0x7800 | wire::FLAG_RD | wire::FLAG_CD));
-    if query_flags & wire::FLAG_RD != 0 {
-        flags |= wire::FLAG_RA;
-    }
-    flags |= u16::from(rcode & 0x0f);
+    let flags = reply_flags(query_flags) | u16::from(rcode & 0x0f);
     out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&[

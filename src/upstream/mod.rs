@@ -33,6 +33,23 @@ pub enum UpstreamError {
     Io(#[from] io::Error),
 }
 
+impl UpstreamError {
+    /// Whether the upstream is to blame (no answer, refused, reset), as opposed to a local
+    /// fault such as running out of sockets.
+    pub fn is_upstream_fault(&self) -> bool {
+        match self {
+            UpstreamError::Timeout => true,
+            UpstreamError::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            ),
+        }
+    }
+}
+
 /// A set of nameservers asked in order, one attempt each, at most `attempts` in all.
 /// Clones share the TCP connections.
 #[derive(Clone)]

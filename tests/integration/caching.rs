@@ -121,11 +121,12 @@ async fn do_cd_and_edns_never_share_an_entry() {
         Q::new("www.example.", A).edns(1232, false),
         Q::new("www.example.", A).edns(1232, true),
         Q::new("www.example.", A).edns(1232, true).cd(),
+        Q::new("www.example.", A).edns(1232, false).ad(),
     ];
     for q in &variants {
         proxy.udp(q).await;
     }
-    assert_eq!(mock.count("www.example.", A), 4);
+    assert_eq!(mock.count("www.example.", A), 5);
     for q in &variants {
         let r = hit(proxy.handler(), q).unwrap();
         assert_eq!(r.opt.is_some(), q.edns.is_some());
@@ -415,4 +416,48 @@ async fn without_serve_stale_an_expired_entry_is_never_served() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     mock.set("one.example.", Behavior::Servfail);
     assert_eq!(proxy.udp(&q).await.rcode(), 2);
+}
+
+#[tokio::test]
+async fn a_failing_refresh_does_not_evict_the_stale_answer() {
+    let mock = Mock::start(SHORT).await;
+    let proxy = Proxy::start(&[mock.addr], stale_on).await;
+    let q = Q::new("one.example.", A);
+    proxy.udp(&q).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    mock.set("one.example.", Behavior::Servfail);
+    for _ in 0..3 {
+        let r = proxy.udp(&q).await;
+        assert_eq!(r.answer, vec!["one.example. 30 A 192.0.2.7"]);
+    }
+}
+
+#[tokio::test]
+async fn unshareable_queries_count_against_the_inflight_limit() {
+    let mock = Mock::start(ZONE).await;
+    mock.set_default(Behavior::Drop);
+    let proxy = Proxy::start(&[mock.addr], |c| {
+        c.limits.max_inflight = 1;
+        c.timeout = Duration::from_secs(1);
+    })
+    .await;
+    let ecs = |n: &str| {
+        Q::new(n, A)
+            .edns(1232, false)
+            .option(8, &[0, 1, 24, 0, 192, 0, 2])
+    };
+    let addr = proxy.addr;
+    let first = tokio::spawn(async move { udp_query(addr, &ecs("www.example.").wire()).await });
+    for _ in 0..100 {
+        if mock.total() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = std::time::Instant::now();
+    let r = proxy.udp(&ecs("short.example.")).await;
+    assert_eq!(r.rcode(), 2);
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(mock.total(), 1, "the second ECS query never went upstream");
+    first.abort();
 }

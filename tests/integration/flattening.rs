@@ -347,3 +347,35 @@ async fn flattened_answers_are_cached_and_count_down() {
     );
     assert_eq!(s.upstream.count("www.example.", A), 1);
 }
+
+#[tokio::test]
+async fn a_failed_chase_is_not_remembered_past_the_failure_ttl() {
+    let s = setup(|c| c.cache.failure_ttl = 1).await;
+    s.resolver.set("target.elsewhere.", Behavior::Servfail);
+    let q = Q::new("www.example.", A);
+    assert_unchanged(&s, q.clone()).await;
+    s.resolver.set("target.elsewhere.", Behavior::Answer);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = s.proxy.udp(&q).await;
+    assert_eq!(
+        r.answer_no_ttl(),
+        vec!["www.example. A 198.51.100.1", "www.example. A 198.51.100.2"]
+    );
+}
+
+#[tokio::test]
+async fn a_truncated_chain_is_passed_on_not_flattened_nor_cached() {
+    // TC=1 with the CNAME and one address; TCP refused, so the cut reply is all there is.
+    let upstream = Mock::start_with(UPSTREAM, false).await;
+    upstream.set("one.example.", Behavior::TruncateUdpPartial);
+    let proxy = Proxy::start(&[upstream.addr], |_| {}).await;
+    let q = Q::new("one.example.", A).edns(1232, false);
+    let r = proxy.udp(&q).await;
+    assert!(r.tc(), "TC passed on");
+    assert_eq!(
+        r.answer_no_ttl(),
+        vec!["one.example. CNAME a.example.", "a.example. A 192.0.2.10"]
+    );
+    proxy.udp(&q).await;
+    assert_eq!(upstream.count("one.example.", A), 2, "never cached");
+}

@@ -404,18 +404,24 @@ async fn any_over_udp_gets_tc_and_no_upstream_query() {
 }
 
 #[tokio::test]
-async fn unknown_opcodes_get_notimp_without_upstream_traffic() {
+async fn other_opcodes_are_answered_locally_without_upstream_traffic() {
     let mock = Mock::start(ZONE).await;
     let proxy = Proxy::start(&[mock.addr], |_| {}).await;
-    let mut q = Q::new("www.example.", A).id(31).edns(1232, false).wire();
-    q[2] = (q[2] & 0x87) | (15 << 3);
-    let r = R::parse(
-        &udp_exchange(proxy.addr, &q, Duration::from_secs(2))
-            .await
-            .unwrap(),
-    );
-    assert_eq!((r.id, r.rcode(), (r.flags >> 11) & 0xf), (31, 4, 15));
-    assert!(r.opt.is_some());
+    // Unknown opcode: NOTIMP. UPDATE and NOTIFY: REFUSED (never relayed from our address).
+    for (opcode, rcode) in [(15u8, 4u8), (5, 5), (4, 5)] {
+        let mut q = Q::new("www.example.", A).id(31).edns(1232, false).wire();
+        q[2] = (q[2] & 0x87) | (opcode << 3);
+        let r = R::parse(
+            &udp_exchange(proxy.addr, &q, Duration::from_secs(2))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            (r.id, r.rcode(), ((r.flags >> 11) & 0xf) as u8),
+            (31, rcode, opcode)
+        );
+        assert!(r.opt.is_some());
+    }
     assert_eq!(mock.total(), 0);
 }
 
@@ -479,7 +485,13 @@ async fn refused_upstream_tcp_backs_off() {
     // Four refused connects, each after the previous back-off ran out: 100, 200, 400, 800 ms.
     // Distinct names: a repeat would be answered by the cached SERVFAIL.
     for (i, wait) in [150, 250, 450, 0].into_iter().enumerate() {
-        assert_eq!(proxy.tcp(&Q::new(&format!("b{i}.example."), A)).await.rcode(), 2);
+        assert_eq!(
+            proxy
+                .tcp(&Q::new(&format!("b{i}.example."), A))
+                .await
+                .rcode(),
+            2
+        );
         tokio::time::sleep(Duration::from_millis(wait)).await;
     }
     // Something now listens on that TCP port and counts connects.

@@ -192,6 +192,7 @@ pub struct Q {
     pub edns: Option<(u16, bool)>,
     pub options: Vec<(u16, Vec<u8>)>,
     pub cd: bool,
+    pub ad: bool,
 }
 
 impl Q {
@@ -203,6 +204,7 @@ impl Q {
             edns: None,
             options: vec![],
             cd: false,
+            ad: false,
         }
     }
     pub fn edns(mut self, size: u16, do_bit: bool) -> Q {
@@ -221,11 +223,15 @@ impl Q {
         self.cd = true;
         self
     }
+    pub fn ad(mut self) -> Q {
+        self.ad = true;
+        self
+    }
     pub fn wire(&self) -> Vec<u8> {
         let mut m = self.id.to_be_bytes().to_vec();
         m.extend_from_slice(&[
             0x01,
-            if self.cd { 0x10 } else { 0 },
+            (if self.cd { 0x10 } else { 0 }) | (if self.ad { 0x20 } else { 0 }),
             0,
             1,
             0,
@@ -354,6 +360,8 @@ pub enum Behavior {
     Delay(Duration),
     /// TC=1 (question only) over UDP; the full answer over TCP.
     TruncateUdp,
+    /// TC=1 over UDP carrying only the first two answer records (a cut chain).
+    TruncateUdpPartial,
     /// Send forged replies (wrong ID, wrong question, from another port) before the real one.
     Spoof,
     /// Set AD=1 on the answer.
@@ -607,17 +615,30 @@ async fn respond(st: &Mutex<MockState>, q: &[u8], src: SocketAddr, tcp: bool) ->
     // Only an NXDOMAIN at the question name counts; a dangling CNAME target out of the zone is
     // a NOERROR answer holding the CNAME (what a legacy authoritative server returns).
     let rcode = if nxdomain && answer.is_empty() { 3 } else { 0 };
+    // As BIND does (RFC 2308 section 3): the SOA of a negative answer carries
+    // min(SOA TTL, MINIMUM).
     let authority: Vec<Rec> = if answer.is_empty() {
-        soa.into_iter().collect()
+        soa.into_iter()
+            .map(|mut r| {
+                let n = r.rdata.len();
+                let minimum = u32::from_be_bytes(r.rdata[n - 4..].try_into().unwrap());
+                r.ttl = r.ttl.min(minimum);
+                r
+            })
+            .collect()
     } else {
         vec![]
     };
+    let partial = !tcp && behavior == Behavior::TruncateUdpPartial;
+    if partial {
+        answer.truncate(2);
+    }
     let truncate = !tcp && behavior == Behavior::TruncateUdp;
     let mut m = header(
         rcode,
         if truncate { 0 } else { answer.len() },
         if truncate { 0 } else { authority.len() },
-        truncate,
+        truncate || partial,
         behavior == Behavior::Ad,
     );
     if !truncate {
