@@ -131,6 +131,9 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
+    /// True when `listen` is the built-in default: an address this host lacks (no IPv6
+    /// loopback, say) is then skipped with a warning rather than fatal.
+    pub listen_is_default: bool,
     pub upstreams: Vec<SocketAddr>,
     /// Where partial chains are chased; empty means the upstreams.
     pub resolvers: Vec<SocketAddr>,
@@ -711,6 +714,7 @@ impl Config {
         };
 
         Ok(Config {
+            listen_is_default: listen_v.origin == Origin::Default,
             listen,
             upstreams,
             resolvers,

@@ -124,7 +124,28 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     };
     let mut bound = Vec::new();
     for &addr in &config.listen {
-        bound.push(bind_all(addr, workers)?);
+        match bind_all(addr, workers) {
+            Ok(b) => bound.push(b),
+            Err(ServerError::Bind { source, .. })
+                if config.listen_is_default && source.kind() == io::ErrorKind::AddrNotAvailable =>
+            {
+                warn!(%addr, "default listen address not available on this host; skipped");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if bound.is_empty() {
+        let addr = config
+            .listen
+            .first()
+            .copied()
+            .unwrap_or(([127, 0, 0, 1], 53).into());
+        let source = io::Error::from(io::ErrorKind::AddrNotAvailable);
+        return Err(ServerError::Bind {
+            addr,
+            proto: "udp",
+            source,
+        });
     }
     let rt = tokio::runtime::Handle::current();
     let handler = Arc::new(Handler::new(config));

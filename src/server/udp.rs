@@ -6,8 +6,8 @@
 //! EAGAIN on top of the one that succeeds. A thread blocked in `recvfrom` pays exactly one
 //! receive and one send per cache hit — the cost of a bare UDP echo. A cache hit is answered
 //! on the thread itself; a miss is copied out and handed to the runtime as a task, whose reply
-//! goes out on the same socket (a UDP send does not block unless the send buffer is full, and
-//! a send timeout bounds even that).
+//! goes out on the same socket with MSG_DONTWAIT, so a full send buffer drops that reply
+//! instead of stalling a runtime worker.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -70,13 +70,22 @@ pub fn serve(
                 tracker.spawn_on(
                     async move {
                         if let Some(reply) = handler.answer(msg, src, Transport::Udp).await {
-                            send(&sock, &reply, src);
+                            send_nonblocking(&sock, &reply, src);
                         }
                     },
                     &rt,
                 );
             }
         }
+    }
+}
+
+/// From a runtime task: never block a worker thread on a full send buffer (the socket itself
+/// is blocking, for its receive thread; O_NONBLOCK would be shared, so the flag is per call).
+fn send_nonblocking(sock: &UdpSocket, msg: &[u8], to: SocketAddr) {
+    let s = socket2::SockRef::from(sock);
+    if let Err(e) = s.send_to_with_flags(msg, &to.into(), libc::MSG_DONTWAIT) {
+        debug!(error = %e, %to, "udp send (dropped)");
     }
 }
 
