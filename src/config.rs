@@ -131,8 +131,8 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
-    /// True when `listen` is the built-in default: an address this host lacks (no IPv6
-    /// loopback, say) is then skipped with a warning rather than fatal.
+    /// True when `listen` is the default list (given or not): an address this host lacks
+    /// (no IPv6 loopback, say) is then skipped with a warning rather than fatal.
     pub listen_is_default: bool,
     pub upstreams: Vec<SocketAddr>,
     /// Where partial chains are chased; empty means the upstreams.
@@ -714,7 +714,10 @@ impl Config {
         };
 
         Ok(Config {
-            listen_is_default: listen_v.origin == Origin::Default,
+            listen_is_default: DEFAULT_LISTEN
+                .iter()
+                .map(|a| parse_addr(a, 53).ok())
+                .eq(listen.iter().map(|a| Some(*a))),
             listen,
             upstreams,
             resolvers,
