@@ -135,3 +135,106 @@ async fn serves_and_exits_0_on_sigterm() {
     }
     assert_eq!(code, Some(0));
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// R15: a million queries on one TCP connection, pipelined: every one answered, and the
+/// process grows by less than 10 MB once warm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_queries_on_one_tcp_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = Mock::start("www.example. 300 IN A 192.0.2.1").await;
+    let child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &mock.addr.to_string(),
+            "--log-level",
+            "info",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    let stderr = child.0.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().expect("startup line").unwrap();
+        if let Some(rest) = line.split("listen=").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<std::net::SocketAddr>()
+                .unwrap();
+        }
+    };
+    let pid = child.0.id();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let q = Q::new("www.example.", A).wire();
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    const TOTAL: usize = 1_000_000;
+    const CHUNK: usize = 1000;
+    let chunk: Vec<u8> = framed
+        .iter()
+        .copied()
+        .cycle()
+        .take(framed.len() * CHUNK)
+        .collect();
+    let writer = tokio::spawn(async move {
+        for _ in 0..TOTAL / CHUNK {
+            wr.write_all(&chunk).await.unwrap();
+        }
+        wr
+    });
+    let mut buf = vec![0u8; 1 << 16];
+    let mut pending: Vec<u8> = Vec::new();
+    let (mut answered, mut warm_rss) = (0usize, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while answered < TOTAL {
+        assert!(Instant::now() < deadline, "only {answered} answers");
+        let n = tokio::time::timeout(Duration::from_secs(10), rd.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed after {answered} answers");
+        pending.extend_from_slice(&buf[..n]);
+        let mut pos = 0;
+        while pending.len() >= pos + 2 {
+            let len = u16::from_be_bytes([pending[pos], pending[pos + 1]]) as usize;
+            if pending.len() < pos + 2 + len {
+                break;
+            }
+            // The answer, not an error: the cached A record.
+            assert_eq!(pending[pos + 2 + 3] & 0x0f, 0);
+            answered += 1;
+            pos += 2 + len;
+            if answered == 50_000 {
+                warm_rss = rss_kib(pid);
+            }
+        }
+        pending.drain(..pos);
+    }
+    let end_rss = rss_kib(pid);
+    writer.await.unwrap();
+    eprintln!("1,000,000 queries on one connection: RSS {warm_rss} KiB after 50,000, {end_rss} KiB at the end");
+    assert!(
+        end_rss < warm_rss + 10 * 1024,
+        "grew from {warm_rss} KiB to {end_rss} KiB"
+    );
+    assert_eq!(mock.count("www.example.", A), 1);
+}
