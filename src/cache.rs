@@ -29,6 +29,8 @@ pub mod keyflag {
     pub const CHASE: u8 = 0x10;
     /// AD=1 in the query asks for the AD bit in the answer (RFC 6840 5.7).
     pub const AD: u8 = 0x20;
+    /// The lookup of a zone-stored ALIAS record at the upstream.
+    pub const ZONE_ALIAS: u8 = 0x40;
 }
 
 /// A cache key built on the stack: no allocation on the hit path.

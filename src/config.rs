@@ -145,7 +145,24 @@ pub struct Config {
     pub cache: CacheConfig,
     pub flatten: FlattenConfig,
     pub limits: Limits,
+    /// Config-defined aliases (`[[alias]]`): A/AAAA at `name` answered with `target`'s addresses.
+    pub aliases: Vec<Alias>,
+    /// Honour PowerDNS-style ALIAS records (TYPE65401) held in the upstream's zone.
+    pub alias_from_zone: bool,
 }
+
+/// An ALIAS defined in the config file (Route 53 semantics, for a zone apex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alias {
+    /// Lowercased wire names.
+    pub name: Vec<u8>,
+    pub target: Vec<u8>,
+    /// Upper bound on the answer's TTL; the target chain's TTLs bound it too.
+    pub ttl: Option<u32>,
+}
+
+/// The record type PowerDNS uses for ALIAS; a BIND zone can carry it as an unknown type.
+pub const TYPE_ALIAS: u16 = 65401;
 
 /// dnsdist's default ACL: loopback, RFC 1918, CGNAT, link-local, ULA (R1, RFC 5358).
 pub const DEFAULT_ALLOW: &[&str] = &[
@@ -189,6 +206,17 @@ struct RawFile {
     flatten: RawFlatten,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    alias: Vec<RawAlias>,
+    alias_from_zone: S<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlias {
+    name: Spanned<String>,
+    target: Spanned<String>,
+    ttl: S<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -405,6 +433,27 @@ pub fn parse_name(text: &str) -> Result<Vec<u8>, String> {
         return Err("name longer than 255 octets".into());
     }
     Ok(out)
+}
+
+/// An uncompressed wire name as text ("www.example.").
+pub fn display_name(wire: &[u8]) -> String {
+    let mut out = String::new();
+    let mut pos = 0;
+    while let Some(&len) = wire.get(pos) {
+        if len == 0 {
+            break;
+        }
+        let label = wire
+            .get(pos + 1..pos + 1 + len as usize)
+            .unwrap_or_default();
+        out.push_str(&String::from_utf8_lossy(label));
+        out.push('.');
+        pos += 1 + len as usize;
+    }
+    if out.is_empty() {
+        out.push('.');
+    }
+    out
 }
 
 /// `nameserver` lines of a resolv.conf (scoped IPv6 addresses skipped).
@@ -713,7 +762,44 @@ impl Config {
             )?,
         };
 
+        let mut aliases: Vec<Alias> = Vec::new();
+        for a in &raw.alias {
+            let name_v = Val {
+                v: a.name.get_ref().clone(),
+                origin: l.origin(a.name.span()),
+            };
+            let name = parse_name(&name_v.v).map_err(|e| invalid(&name_v, "alias.name", e))?;
+            let target_v = Val {
+                v: a.target.get_ref().clone(),
+                origin: l.origin(a.target.span()),
+            };
+            let target =
+                parse_name(&target_v.v).map_err(|e| invalid(&target_v, "alias.target", e))?;
+            if target == name {
+                return Err(invalid(
+                    &target_v,
+                    "alias.target",
+                    "an alias cannot point at itself",
+                ));
+            }
+            if aliases.iter().any(|x| x.name == name) {
+                return Err(invalid(&name_v, "alias.name", "defined twice"));
+            }
+            let ttl = match &a.ttl {
+                Some(_) => Some(secs(
+                    &l.pick_dur(("", None), &a.ttl, "0"),
+                    "alias.ttl",
+                    604_800,
+                )?),
+                None => None,
+            };
+            aliases.push(Alias { name, target, ttl });
+        }
+        let alias_from_zone = l.pick(("", None), &raw.alias_from_zone, false).v;
+
         Ok(Config {
+            aliases,
+            alias_from_zone,
             listen_is_default: DEFAULT_LISTEN
                 .iter()
                 .map(|a| parse_addr(a, 53).ok())
@@ -873,6 +959,33 @@ mod tests {
             shipped, defaults,
             "config/flatdns.toml must document the real defaults"
         );
+    }
+
+    #[test]
+    fn aliases_parse_and_bad_ones_name_their_line() {
+        let c = file(
+            "alias_from_zone = true\n[[alias]]\nname = \"Example.com\"\ntarget = \"lb.provider.net.\"\nttl = 60\n",
+        )
+        .unwrap();
+        assert!(c.alias_from_zone);
+        assert_eq!(
+            c.aliases,
+            vec![Alias {
+                name: b"\x07example\x03com\x00".to_vec(),
+                target: b"\x02lb\x08provider\x03net\x00".to_vec(),
+                ttl: Some(60),
+            }]
+        );
+        let e = file("[[alias]]\nname = \"a.example\"\ntarget = \"a.example\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.toml:3") && e.contains("alias.target"), "{e}");
+        let e = file("[[alias]]\nname = \"a..example\"\ntarget = \"b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.toml:2") && e.contains("alias.name"), "{e}");
+        let e = file("[[alias]]\nname = \"a\"\n").unwrap_err().to_string();
+        assert!(e.contains("target"), "{e}");
     }
 
     #[test]

@@ -103,6 +103,26 @@ impl Chain {
     pub fn hops(&self) -> usize {
         self.links.len()
     }
+
+    /// Adds a link that no message holds: an ALIAS from the chain's current end to `target`,
+    /// with the same loop and length checks as a CNAME.
+    pub fn push_alias(&mut self, target: &[u8], ttl: u32) -> Result<(), Skip> {
+        let owner = self.visited.last().cloned().unwrap_or_default();
+        if self.visited.iter().any(|v| v == target) {
+            return Err(Skip::Loop);
+        }
+        if self.links.len() >= self.max_hops {
+            return Err(Skip::TooLong);
+        }
+        self.visited.push(target.to_vec());
+        self.min_ttl = self.min_ttl.min(sane_ttl(ttl));
+        self.links.push(Link {
+            owner,
+            target: target.to_vec(),
+            ttl,
+        });
+        Ok(())
+    }
 }
 
 /// Where a walk over one message ended.
@@ -292,15 +312,27 @@ pub fn build(upstream: &[u8], question: &[u8], rrs: &[Rr], ttl: u32) -> Option<V
         }
     })
     .ok()?;
+    write(h.flags, question, rrs, ttl, opt.map(|o| &upstream[o]))
+}
+
+/// Writes an answer: header `flags` with AD and TC cleared, `question`, `rrs` owned by the
+/// question name with TTL `ttl`, and `opt` (a whole OPT record) if given.
+pub fn write(
+    flags: u16,
+    question: &[u8],
+    rrs: &[Rr],
+    ttl: u32,
+    opt: Option<&[u8]>,
+) -> Option<Vec<u8>> {
     let size = HEADER_LEN
         + question.len()
         + rrs.iter().map(|r| 12 + r.rdata.len()).sum::<usize>()
-        + opt.as_ref().map_or(0, |o| o.len());
+        + opt.map_or(0, |o| o.len());
     if size > usize::from(u16::MAX) || rrs.len() > usize::from(u16::MAX) {
         return None;
     }
     let mut out = Vec::with_capacity(size);
-    let flags = h.flags & !(wire::FLAG_AD | wire::FLAG_TC);
+    let flags = flags & !(wire::FLAG_AD | wire::FLAG_TC);
     out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&[0, 1]);
@@ -316,9 +348,42 @@ pub fn build(upstream: &[u8], question: &[u8], rrs: &[Rr], ttl: u32) -> Option<V
         out.extend_from_slice(&r.rdata);
     }
     if let Some(o) = opt {
-        out.extend_from_slice(&upstream[o]);
+        out.extend_from_slice(o);
     }
     Some(out)
+}
+
+/// The target and TTL of an ALIAS record (TYPE65401, rdata = the target name uncompressed in
+/// wire form, as PowerDNS stores it) owned by `owner` in the answer section of `msg`.
+pub fn alias_target(msg: &[u8], owner: &[u8]) -> Option<(Vec<u8>, u32)> {
+    let m = Message::from_slice(msg).ok()?;
+    let owners: Vec<Vec<u8>> = m
+        .answer()
+        .ok()?
+        .map(|r| r.map(|r| lower_name(&r.owner())))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let mut found = None;
+    let mut i = 0;
+    wire::walk_records(msg, |r| {
+        if r.section != wire::Section::Answer {
+            return;
+        }
+        let this = i;
+        i += 1;
+        if found.is_some()
+            || r.rtype != crate::config::TYPE_ALIAS
+            || owners.get(this).map(Vec::as_slice) != Some(owner)
+        {
+            return;
+        }
+        let rdata = &msg[r.rdata.clone()];
+        if wire::skip_name(rdata, 0) == Ok(rdata.len()) && rdata.last() == Some(&0) {
+            found = Some((rdata.to_ascii_lowercase(), sane_ttl(r.ttl(msg))));
+        }
+    })
+    .ok()?;
+    found
 }
 
 /// The TTL of a flattened answer (F2): the minimum over every link and the final RRset.

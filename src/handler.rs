@@ -4,10 +4,11 @@
 //! 2. ACL (outside: REFUSED, nothing goes upstream)
 //! 3. EDNS version (not 0: BADVERS); NOTIFY/UPDATE: REFUSED; other opcodes: NOTIMP; ANY over UDP: TC=1 (RFC 8482, so nothing is amplified)
 //! 4. cache lookup (hit: the stored answer with the client's ID, question bytes, aged TTLs)
-//! 5. miss: the client takes a pending slot (R9), then coalesce on the key; the leader takes
+//! 5. miss: a config-defined ALIAS answers A/AAAA from its target; otherwise the client takes a pending slot (R9), then coalesce on the key; the leader takes
 //!    an in-flight permit (R11) and asks the upstream
 //! 6. flatten the upstream's answer, chasing the rest of a partial chain through the resolver
-//!    (each chase step is itself cached and coalesced)
+//!    (each chase step is itself cached and coalesced); on NODATA, a zone-stored ALIAS
+//!    (TYPE65401) starts a chain of its own
 //! 7. cache the final answer; reply (TC=1 with the question only if it is too long for UDP);
 //!    with serve-stale on, an expired entry answers when the refresh is slow or fails
 //!
@@ -15,6 +16,7 @@
 //! spawn a task only for a miss. Any per-query failure ends here as an rcode; nothing a client
 //! or an upstream sends can stop a listener.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +28,7 @@ use tokio::time::{timeout_at, Instant};
 use tracing::debug;
 
 use crate::cache::{keyflag, Cache, Entry, Key, Kind};
-use crate::config::{Config, STALE_TTL};
+use crate::config::{Alias, Config, STALE_TTL, TYPE_ALIAS};
 use crate::cookie::CookieSecret;
 use crate::flatten::{self, Chain, Skip, Step};
 use crate::inflight::{Inflight, Join};
@@ -83,6 +85,7 @@ pub struct Handler {
     permits: Semaphore,
     pending: Arc<PerClient>,
     cookies: CookieSecret,
+    aliases: HashMap<Vec<u8>, Alias>,
 }
 
 impl Handler {
@@ -110,6 +113,11 @@ impl Handler {
             permits: Semaphore::new(config.limits.max_inflight),
             pending: PerClient::new(config.limits.pending_per_client),
             cookies: CookieSecret::random(),
+            aliases: config
+                .aliases
+                .iter()
+                .map(|a| (a.name.clone(), a.clone()))
+                .collect(),
             upstream,
             resolver,
             config,
@@ -371,6 +379,11 @@ impl Handler {
 
     /// The leader's work: ask the upstream, flatten if the answer qualifies.
     async fn produce(&self, q: &Query<'_>, tcp: bool, deadline: Instant) -> Produced {
+        if !self.aliases.is_empty() {
+            if let Some(p) = self.config_alias(q, deadline).await {
+                return p;
+            }
+        }
         let now = Instant::now();
         let reply = match self.upstream.query(q.wire, tcp, deadline).await {
             Ok(r) => r,
@@ -446,23 +459,48 @@ impl Handler {
         }
         let mut chain = Chain::new(&start, self.config.flatten.max_chain);
         let mut step = flatten::follow(reply, &start, q.qtype, &mut chain);
+        let nodata = wire::Header::read(reply).is_some_and(|h| h.ancount == 0);
+        if step == Step::Fail(Skip::NoChain) && nodata && self.config.alias_from_zone {
+            // NODATA: an ALIAS record in the zone may stand there (a static A/AAAA wins, as
+            // in PowerDNS, because then the answer is not NODATA).
+            if let Some((target, ttl)) = self.zone_alias(&start, deadline).await {
+                step = match chain.push_alias(&target, ttl) {
+                    Ok(()) => Step::Continue(target),
+                    Err(skip) => Step::Fail(skip),
+                };
+            }
+        }
+        let (rrs, ttl) = self.complete(&mut chain, step, q.qtype, deadline).await?;
+        let out = flatten::build(reply, q.question(), &rrs, ttl).ok_or(Fallback {
+            skip: Skip::Malformed,
+            cap: None,
+        })?;
+        Ok((out, ttl))
+    }
+
+    /// Follows `step` to the end of the chain, chasing the rest through the resolver. The
+    /// final records and the answer TTL, or why not (with how long the fallback may live).
+    async fn complete(
+        &self,
+        chain: &mut Chain,
+        mut step: Step,
+        qtype: u16,
+        deadline: Instant,
+    ) -> Result<(Vec<flatten::Rr>, u32), Fallback> {
         // Once a chase answer decided the outcome, the upstream's answer may be cached only as
         // long as that chase answer holds: a fallback must not outlive its reason (F4).
         let mut cap: Option<u32> = None;
         loop {
             match step {
                 Step::Done(rrs) => {
-                    let ttl = flatten::answer_ttl(&chain, &rrs);
-                    let out = flatten::build(reply, q.question(), &rrs, ttl).ok_or(Fallback {
-                        skip: Skip::Malformed,
-                        cap,
-                    })?;
-                    return Ok((out, ttl));
+                    let ttl = flatten::answer_ttl(chain, &rrs);
+                    return Ok((rrs, ttl));
                 }
                 Step::Fail(skip) => return Err(Fallback { skip, cap }),
                 Step::Continue(target) => {
-                    let Some((answer, remaining)) = self.chase(&target, q.qtype, deadline).await
-                    else {
+                    let chased =
+                        self.lookup(keyflag::CHASE, &target, qtype, &self.resolver, deadline);
+                    let Some((answer, remaining)) = chased.await else {
                         let cap = Some(self.config.cache.failure_ttl);
                         return Err(Fallback {
                             skip: Skip::ChaseFailed,
@@ -486,7 +524,7 @@ impl Handler {
                             });
                         }
                     }
-                    step = match flatten::follow(&answer, &target, q.qtype, &mut chain) {
+                    step = match flatten::follow(&answer, &target, qtype, chain) {
                         Step::Continue(next) if next == target => Step::Fail(Skip::NoData),
                         Step::Fail(Skip::NoChain) => Step::Fail(Skip::NoData),
                         other => other,
@@ -496,11 +534,89 @@ impl Handler {
         }
     }
 
-    /// Looks `name`/`qtype` up through the resolver, cached and coalesced under a chase key,
-    /// and returns the answer with TTLs aged to now, and how many seconds it stays cached.
-    async fn chase(&self, name: &[u8], qtype: u16, deadline: Instant) -> Option<(Vec<u8>, u32)> {
+    /// The ALIAS (TYPE65401) record at `name` in the upstream's zone, if any: one extra
+    /// upstream query, cached and coalesced like any other.
+    async fn zone_alias(&self, name: &[u8], deadline: Instant) -> Option<(Vec<u8>, u32)> {
+        let (answer, _) = self
+            .lookup(
+                keyflag::ZONE_ALIAS,
+                name,
+                TYPE_ALIAS,
+                &self.upstream,
+                deadline,
+            )
+            .await?;
+        flatten::alias_target(&answer, name)
+    }
+
+    /// At start-up: says so when a config-defined alias's name also holds A or AAAA records
+    /// in the upstream's zone (the alias answers, as configured, so those records are unseen).
+    pub async fn check_aliases(&self) {
+        for alias in self.aliases.values() {
+            for qtype in [wire::TYPE_A, wire::TYPE_AAAA] {
+                let query =
+                    flatten::chase_query(&alias.name, qtype, self.config.limits.udp_size as u16);
+                let deadline = Instant::now() + self.config.limits.client_deadline;
+                let Ok(reply) = self.upstream.query(&query, false, deadline).await else {
+                    continue;
+                };
+                let answered = wire::Header::read(&reply)
+                    .is_some_and(|h| h.rcode() == wire::RCODE_NOERROR && h.ancount > 0);
+                if answered {
+                    tracing::warn!(
+                        name = %crate::config::display_name(&alias.name),
+                        qtype,
+                        "the upstream's zone holds records where a config alias stands; the alias answers"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A, AAAA for a config-defined alias: the target's addresses through the resolver, TTL
+    /// the smaller of the alias's and the chain's. `None` when there is no such alias or its
+    /// target does not resolve: then the upstream is asked as usual (F4).
+    async fn config_alias(&self, q: &Query<'_>, deadline: Instant) -> Option<Produced> {
+        if !matches!(q.qtype, wire::TYPE_A | wire::TYPE_AAAA) || q.qclass != wire::CLASS_IN {
+            return None;
+        }
+        let mut name = Vec::with_capacity(q.qname().len());
+        wire::push_lower(&mut name, q.qname());
+        let alias = self.aliases.get(&name)?;
+        let mut chain = Chain::new(&name, self.config.flatten.max_chain);
+        chain
+            .push_alias(&alias.target, alias.ttl.unwrap_or(i32::MAX as u32))
+            .ok()?;
+        let step = Step::Continue(alias.target.clone());
+        let (rrs, ttl) = self
+            .complete(&mut chain, step, q.qtype, deadline)
+            .await
+            .ok()?;
+        let flags = response::reply_flags(q.header.flags) | wire::FLAG_AA;
+        let opt = response::own_opt(q, 0).map(response::opt_record);
+        let out = flatten::write(flags, q.question(), &rrs, ttl, opt.as_ref().map(|o| &o[..]))?;
+        let p = self.cache.prepare(&out)?;
+        let ttl = p.min_ttl().unwrap_or(ttl);
+        let e = Entry::new(p, Kind::Flattened, ttl, Instant::now());
+        Some(Produced {
+            entry: Some(Arc::new(e)),
+            raw: None,
+        })
+    }
+
+    /// Looks `name`/`qtype` up through `via` (the resolver for a chase, the upstream for a
+    /// zone ALIAS), cached and coalesced under a key marked `kind` so it never meets a client
+    /// entry; returns the answer with TTLs aged to now, and how many seconds it stays cached.
+    async fn lookup(
+        &self,
+        kind: u8,
+        name: &[u8],
+        qtype: u16,
+        via: &Upstream,
+        deadline: Instant,
+    ) -> Option<(Vec<u8>, u32)> {
         let key = Key::new(
-            keyflag::CHASE | keyflag::RD | keyflag::EDNS,
+            kind | keyflag::RD | keyflag::EDNS,
             qtype,
             wire::CLASS_IN,
             name,
@@ -512,7 +628,7 @@ impl Handler {
                 let produce = || async {
                     let query =
                         flatten::chase_query(name, qtype, self.config.limits.udp_size as u16);
-                    let entry = match self.resolver.query(&query, false, deadline).await {
+                    let entry = match via.query(&query, false, deadline).await {
                         Ok(reply) => self
                             .cache
                             .entry_for(&reply, Instant::now(), None)

@@ -214,6 +214,15 @@ pub fn truncated(id: u16, flags: u16, question: &[u8], opt: Option<OptFields>, o
     }
 }
 
+/// An OPT record with `o`'s values and no options.
+pub fn opt_record(o: OptFields) -> [u8; 11] {
+    let mut r = [0u8; 11];
+    r[1..3].copy_from_slice(&wire::TYPE_OPT.to_be_bytes());
+    r[3..5].copy_from_slice(&o.udp_size.to_be_bytes());
+    r[5..9].copy_from_slice(&o.ttl.to_be_bytes());
+    r
+}
+
 fn push_opt(out: &mut Vec<u8>, o: OptFields) {
     out.push(0);
     out.extend_from_slice(&wire::TYPE_OPT.to_be_bytes());

@@ -149,6 +149,10 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     }
     let rt = tokio::runtime::Handle::current();
     let handler = Arc::new(Handler::new(config));
+    if !handler.config().aliases.is_empty() {
+        let h = handler.clone();
+        tokio::spawn(async move { h.check_aliases().await });
+    }
     let (trigger, shutdown) = shutdown::channel();
     let tracker = TaskTracker::new();
     let mut addrs = Vec::new();
