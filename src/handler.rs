@@ -2,16 +2,18 @@
 //!
 //! 1. scan the query (no header or QR=1: drop; malformed: FORMERR)
 //! 2. ACL (outside: REFUSED, nothing goes upstream)
-//! 3. EDNS version (not 0: BADVERS); NOTIFY/UPDATE: REFUSED; other opcodes: NOTIMP; ANY over UDP: TC=1 (RFC 8482, so nothing is amplified)
+//! 3. EDNS version (not 0: BADVERS); NOTIFY/UPDATE: REFUSED; other opcodes: NOTIMP;
+//!    ANY over UDP: TC=1 (RFC 8482, so nothing is amplified)
 //! 4. cache lookup (hit: the stored answer with the client's ID, question bytes, aged TTLs)
-//! 5. miss: a config-defined ALIAS answers A/AAAA from its target; otherwise the client takes a pending slot (R9), then coalesce on the key; the leader takes
-//!    an in-flight permit (R11) and asks the upstream
+//! 5. miss: the client takes a pending slot (R9) and coalesces on the key; the leader takes
+//!    an in-flight permit (R11); a config-defined ALIAS answers A/AAAA from its target,
+//!    otherwise the leader asks the upstream
 //! 6. flatten the upstream's answer, chasing the rest of a partial chain through the resolver
 //!    (each chase step is itself cached and coalesced); on NODATA, a zone-stored ALIAS
 //!    (TYPE65401) starts a chain of its own
 //! 7. cache the final answer; reply (TC=1 with the question only if it is too long for UDP);
 //!    with serve-stale on, an expired entry answers when the refresh is slow or fails
-//!
+
 //! Steps 1-4 are [`Handler::answer_fast`], which never waits: listeners call it inline and
 //! spawn a task only for a miss. Any per-query failure ends here as an rcode; nothing a client
 //! or an upstream sends can stop a listener.
