@@ -59,10 +59,10 @@ impl Key {
     }
 
     /// The key of a client query, or `None` when the answer must not be shared: an opcode
-    /// other than QUERY, or a client-subnet option (the answer may be tailored to the
-    /// subnet, R24).
+    /// other than QUERY, or an option asking for the server's own data or the client's subnet
+    /// (NSID, EXPIRE, ECS ...: the answer is for this client, R24).
     pub fn for_query(q: &Query<'_>) -> Option<Key> {
-        if q.header.opcode() != wire::OPCODE_QUERY || q.edns.is_some_and(|e| e.has_ecs) {
+        if q.header.opcode() != wire::OPCODE_QUERY || q.edns.is_some_and(|e| e.asks_server_data) {
             return None;
         }
         let mut f = 0;

@@ -1,8 +1,9 @@
 //! The pipeline for one query, top to bottom. Policy order lives here and nowhere else:
 //!
-//! 1. scan the query (no header or QR=1: drop; malformed: FORMERR)
+//! 1. no header or QR=1: drop
 //! 2. ACL (outside: REFUSED, nothing goes upstream)
-//! 3. EDNS version (not 0: BADVERS); NOTIFY/UPDATE: REFUSED; other opcodes: NOTIMP;
+//! 3. NOTIFY/UPDATE: REFUSED; other opcodes: NOTIMP (both before the question is checked);
+//!    then scan the query (malformed: FORMERR); EDNS version not 0: BADVERS;
 //!    ANY over UDP: TC=1 (RFC 8482, so nothing is amplified)
 //! 4. cache lookup (hit: the stored answer with the client's ID, question bytes, aged TTLs)
 //! 5. miss: the client takes a pending slot (R9) and coalesces on the key; the leader takes
@@ -13,7 +14,7 @@
 //!    (TYPE65401) starts a chain of its own
 //! 7. cache the final answer; reply (TC=1 with the question only if it is too long for UDP);
 //!    with serve-stale on, an expired entry answers when the refresh is slow or fails
-
+//!
 //! Steps 1-4 are [`Handler::answer_fast`], which never waits: listeners call it inline and
 //! spawn a task only for a miss. Any per-query failure ends here as an rcode; nothing a client
 //! or an upstream sends can stop a listener.
@@ -35,7 +36,7 @@ use crate::cookie::CookieSecret;
 use crate::flatten::{self, Chain, Skip, Step};
 use crate::inflight::{Inflight, Join};
 use crate::limit::PerClient;
-use crate::response::{self, OptFields, Prepared};
+use crate::response::{self, Prepared};
 use crate::upstream::Upstream;
 use crate::wire::{self, Query, QueryError};
 
@@ -157,6 +158,33 @@ impl Handler {
         transport: Transport,
         out: &mut Vec<u8>,
     ) -> Fast {
+        let Some(header) = wire::Header::read(msg).filter(|h| !h.has(wire::FLAG_QR)) else {
+            return Fast::Drop;
+        };
+        if !self.allowed(client.ip()) {
+            debug!(%client, "refused by ACL");
+            match Query::parse(msg) {
+                Ok(q) => response::error_for(&q, wire::RCODE_REFUSED, out),
+                Err(_) => {
+                    let opt = wire::find_opt(msg).and_then(|e| response::opt_for(&e, 0));
+                    response::error(header.id, header.flags, None, wire::RCODE_REFUSED, opt, out);
+                }
+            }
+            return Fast::Reply;
+        }
+        if header.opcode() != wire::OPCODE_QUERY {
+            // Before the question is checked: BIND answers an unknown opcode NOTIMP whatever
+            // the question count (RFC 8906 3.1.4), without echoing one. NOTIFY and UPDATE,
+            // relayed, would reach the upstream from flatdns's own address and slip past its
+            // address-based ACLs: refused as policy.
+            let rcode = match header.opcode() {
+                wire::OPCODE_NOTIFY | wire::OPCODE_UPDATE => wire::RCODE_REFUSED,
+                _ => wire::RCODE_NOTIMP,
+            };
+            let opt = wire::find_opt(msg).and_then(|e| response::opt_for(&e, 0));
+            response::error(header.id, header.flags, None, rcode, opt, out);
+            return Fast::Reply;
+        }
         let q = match Query::parse(msg) {
             Ok(q) => q,
             Err(QueryError::Drop) => return Fast::Drop,
@@ -165,30 +193,11 @@ impl Handler {
                 return Fast::Reply;
             }
         };
-        if !self.allowed(client.ip()) {
-            debug!(%client, "refused by ACL");
-            response::error_for(&q, wire::RCODE_REFUSED, out);
-            return Fast::Reply;
-        }
         if q.edns.is_some_and(|e| e.version != 0) {
             // RFC 6891 6.1.3: BADVERS, advertising the version we do support (0).
             let opt = response::own_opt(&q, wire::EXT_RCODE_BADVERS);
             response::error(q.id(), q.header.flags, Some(q.question()), 0, opt, out);
             return Fast::Reply;
-        }
-        match q.header.opcode() {
-            wire::OPCODE_QUERY => {}
-            // Forwarded, an UPDATE or NOTIFY would reach the upstream from flatdns's own
-            // address and slip past its address-based ACLs: refused as policy.
-            wire::OPCODE_NOTIFY | wire::OPCODE_UPDATE => {
-                response::error_for(&q, wire::RCODE_REFUSED, out);
-                return Fast::Reply;
-            }
-            // RFC 8906 3.1.4: an opcode we do not know gets NOTIMP, as BIND answers it.
-            _ => {
-                response::error_for(&q, wire::RCODE_NOTIMP, out);
-                return Fast::Reply;
-            }
         }
         if q.qtype == wire::TYPE_ANY && transport == Transport::Udp {
             // RFC 8482 4.4 allows TC=1 over UDP; a retry over TCP gets the upstream's answer.
@@ -662,7 +671,8 @@ impl Handler {
     }
 }
 
-/// FORMERR for a query that could not be scanned; the question is echoed when it was readable.
+/// FORMERR for a query that could not be scanned; the question is echoed when it was readable,
+/// and an OPT is included when the query's own OPT was sound (RFC 6891 7).
 fn formerr(msg: &[u8], question_ok: bool, out: &mut Vec<u8>) {
     let id = wire::u16_at(msg, 0).unwrap_or(0);
     let flags = wire::u16_at(msg, 2).unwrap_or(0);
@@ -670,12 +680,6 @@ fn formerr(msg: &[u8], question_ok: bool, out: &mut Vec<u8>) {
         .then(|| wire::skip_name(msg, wire::HEADER_LEN).ok())
         .flatten()
         .and_then(|end| msg.get(wire::HEADER_LEN..end + 4));
-    response::error(
-        id,
-        flags,
-        question,
-        wire::RCODE_FORMERR,
-        None::<OptFields>,
-        out,
-    );
+    let opt = wire::find_opt(msg).and_then(|e| response::opt_for(&e, 0));
+    response::error(id, flags, question, wire::RCODE_FORMERR, opt, out);
 }

@@ -33,8 +33,10 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Prepares a reply for sharing. Options that belong to one client — COOKIE (RFC 7873)
-    /// and ECS (RFC 7871) — are removed so they are never replayed to another (R24); every
+    /// Prepares a reply for sharing. Options answer the one client that asked — COOKIE
+    /// (RFC 7873), ECS (RFC 7871), NSID (RFC 5001 2.2: only to a query that asked), EXPIRE,
+    /// KEEPALIVE, PADDING (sized for one reply) ... — so all but Extended DNS Errors, which
+    /// describe the answer itself, are removed and never replayed to another (R24); every
     /// TTL passes through `ttl_fix`. Returns `None` for a reply that cannot be scanned or
     /// whose OPT cannot be rewritten safely (OPT not the last record).
     pub fn new(reply: &[u8], ttl_fix: impl Fn(u32) -> u32) -> Option<Prepared> {
@@ -50,16 +52,13 @@ impl Prepared {
             });
             let rdata = &reply[r.rdata.clone()];
             let opts: Vec<_> = wire::options(rdata).collect::<Result<_, _>>().ok()?;
-            if opts
-                .iter()
-                .any(|(c, _)| *c == wire::OPT_COOKIE || *c == wire::OPT_ECS)
-            {
+            if opts.iter().any(|(c, _)| !shareable_option(*c)) {
                 if idx + 1 != records.len() {
                     return None;
                 }
                 let mut kept = Vec::with_capacity(rdata.len());
                 for (code, range) in &opts {
-                    if *code != wire::OPT_COOKIE && *code != wire::OPT_ECS {
+                    if shareable_option(*code) {
                         kept.extend_from_slice(&rdata[range.clone()]);
                     }
                 }
@@ -194,6 +193,12 @@ impl Prepared {
     }
 }
 
+/// Whether an EDNS option in an answer may be given to clients other than the one that asked:
+/// only Extended DNS Errors (RFC 8914), which describe the answer.
+fn shareable_option(code: u16) -> bool {
+    code == wire::OPT_EDE
+}
+
 /// The TTL rules applied to every record before it is cached or shared (R6): a TTL with the
 /// top bit set counts as 0 (RFC 2181 section 8), then it is clamped into `[min, max]`.
 pub fn clamp_ttl(ttl: u32, min: u32, max: u32) -> u32 {
@@ -263,7 +268,12 @@ pub fn opt_of(msg: &[u8]) -> Option<OptFields> {
 /// The OPT flatdns writes in replies it makes itself: our UDP size, version 0, the client's
 /// DO bit echoed (RFC 3225), other flags and options not echoed (RFC 6891 6.1.4).
 pub fn own_opt(q: &Query<'_>, ext_rcode: u8) -> Option<OptFields> {
-    q.edns.map(|e| OptFields {
+    q.edns.as_ref().and_then(|e| opt_for(e, ext_rcode))
+}
+
+/// [`own_opt`] for a query's OPT record.
+pub fn opt_for(e: &wire::Edns, ext_rcode: u8) -> Option<OptFields> {
+    Some(OptFields {
         udp_size: DEFAULT_UDP_CAP as u16,
         ttl: (u32::from(ext_rcode) << 24) | (u32::from(e.flags) & wire::EDNS_DO),
     })

@@ -35,8 +35,13 @@ pub const RCODE_REFUSED: u8 = 5;
 /// BADVERS is extended rcode 16: 1 in the OPT's upper bits, 0 in the header.
 pub const EXT_RCODE_BADVERS: u8 = 1;
 
+pub const OPT_NSID: u16 = 3;
 pub const OPT_ECS: u16 = 8;
+pub const OPT_EXPIRE: u16 = 9;
 pub const OPT_COOKIE: u16 = 10;
+pub const OPT_CHAIN: u16 = 13;
+pub const OPT_EDE: u16 = 15;
+pub const OPT_ZONEVERSION: u16 = 19;
 
 // Header flag bits (second and third octet as one u16).
 pub const FLAG_QR: u16 = 0x8000;
@@ -242,6 +247,9 @@ pub struct Edns {
     /// The 16 flag bits (DO is the top one).
     pub flags: u16,
     pub has_ecs: bool,
+    /// The query asks for data about the server or for its own subnet (NSID, EXPIRE, ECS,
+    /// CHAIN, ZONEVERSION): its answer is neither taken from nor put in the cache.
+    pub asks_server_data: bool,
     /// The client cookie (first 8 octets of a COOKIE option, RFC 7873).
     pub cookie: Option<[u8; 8]>,
 }
@@ -259,13 +267,18 @@ impl Edns {
             version: (ttl >> 16) as u8,
             flags: ttl as u16,
             has_ecs: false,
+            asks_server_data: false,
             cookie: None,
         };
         let rdata = &msg[r.rdata.clone()];
         for opt in options(rdata) {
             let (code, range) = opt?;
             match code {
-                OPT_ECS => e.has_ecs = true,
+                OPT_ECS => {
+                    e.has_ecs = true;
+                    e.asks_server_data = true;
+                }
+                OPT_NSID | OPT_EXPIRE | OPT_CHAIN | OPT_ZONEVERSION => e.asks_server_data = true,
                 OPT_COOKIE => {
                     // RFC 7873 5.2.2: 8 octets, or 16 to 40 with a server cookie; else FORMERR.
                     let data = &rdata[range.start + 4..range.end];
@@ -318,6 +331,25 @@ impl Iterator for Options<'_> {
         }
         self.pos = end;
         Some(Ok((code, pos..end)))
+    }
+}
+
+/// The OPT of a message whatever its question count, if there is exactly one and it is well
+/// formed; for replies to queries that [`Query::parse`] rejects (they still get an OPT).
+pub fn find_opt(msg: &[u8]) -> Option<Edns> {
+    let mut found = None;
+    let mut count = 0;
+    walk_records(msg, |r| {
+        if r.rtype == TYPE_OPT {
+            count += 1;
+            found = Edns::from_record(msg, r).ok();
+        }
+    })
+    .ok()?;
+    if count == 1 {
+        found
+    } else {
+        None
     }
 }
 

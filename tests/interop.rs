@@ -1240,3 +1240,216 @@ fn flattening_glibc_getent_gets_addresses() {
     let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     assert!(!host.contains(&ip), "host /etc/resolv.conf changed: {host}");
 }
+
+// ==========================================================================================
+// Issue 5: protocol compliance (R17, R25), the ISC DNS compliance probes (genreport)
+
+fn compliance_tools(test: &str, extra: &[&str]) -> bool {
+    let mut needed = vec!["named", "dig"];
+    needed.extend_from_slice(extra);
+    tools::available(test, &needed)
+}
+
+/// R17: genreport's probes, run with dig against BIND and through flatdns, read the same.
+///
+/// Pass 1: every probe on a zone of its own, so that its first query through flatdns is a
+/// real miss (cold) and its repeat is served from the cache (warm); "up" counts the queries
+/// flatdns sent BIND for it. Pass 2: all probes on one signed zone through a fresh flatdns,
+/// in genreport's order, twice, as genreport runs them against a server: answers cached for
+/// one probe serve the next ones that share a cache key.
+#[test]
+fn compliance_probes_read_the_same_through_flatdns_cold_and_warm() {
+    use support::compliance::{self, Probe, Row, Seen};
+    let test = "compliance_probes_read_the_same_through_flatdns_cold_and_warm";
+    if !compliance_tools(test, &["dnssec-keygen", "dnssec-signzone"]) {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let keys = TempDir::new("dnssec");
+    let zones = compliance::zones(&keys);
+    let zone_refs: Vec<(&str, String)> = zones
+        .iter()
+        .map(|(origin, text)| (origin.as_str(), text.clone()))
+        .collect();
+    let bind = Named::start(&zone_refs);
+    let up = bind.addr.to_string();
+    let fd = Flatdns::start(&["--upstream", &up]);
+    let probes = compliance::probes();
+    let mut failures = Vec::new();
+
+    // Pass 1: BIND direct, flatdns cold, flatdns warm; BIND's query log counted between.
+    let run = |server: SocketAddr| -> Vec<Seen> {
+        probes
+            .iter()
+            .map(|p| compliance::probe(server, p, p.zone().as_deref()))
+            .collect()
+    };
+    let counts = || -> Vec<Option<usize>> {
+        bind.sync_query_log();
+        probes
+            .iter()
+            .map(|p: &Probe| p.zone().map(|z| bind.queries_for(&z, p.qtype)))
+            .collect()
+    };
+    let direct = run(bind.addr);
+    let c0 = counts();
+    let cold = run(fd.addr);
+    let c1 = counts();
+    let warm = run(fd.addr);
+    let c2 = counts();
+    let diff = |a: &Option<usize>, b: &Option<usize>| match (a, b) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let mut rows = Vec::new();
+    for (i, p) in probes.iter().enumerate() {
+        if !(p.setup)(&direct[i].verdict) {
+            failures.push(format!(
+                "test setup: BIND's reply to {} is not {}: {}\n{}",
+                p.name, p.setup_text, direct[i].verdict, direct[i].raw
+            ));
+        }
+        rows.push(Row {
+            probe: p.name,
+            bind: direct[i].clone(),
+            flatdns: vec![cold[i].clone(), warm[i].clone()],
+            upstream: vec![diff(&c0[i], &c1[i]), diff(&c1[i], &c2[i])],
+        });
+    }
+    let columns = ["flatdns cold", "flatdns warm"];
+    println!(
+        "{}",
+        compliance::table(
+            "Pass 1: a zone per probe (up = queries flatdns sent BIND)",
+            &columns,
+            &rows
+        )
+    );
+    failures.extend(compliance::differences("per-probe zone", &columns, &rows));
+
+    // Pass 2: one zone, genreport's order, a fresh cache, all probes twice.
+    let fd2 = Flatdns::start(&["--upstream", &up]);
+    let one = |server: SocketAddr| -> Vec<Seen> {
+        probes
+            .iter()
+            .map(|p| {
+                let zone = (p.target != compliance::Target::None).then_some(compliance::SIGNED);
+                compliance::probe(server, p, zone)
+            })
+            .collect()
+    };
+    let direct = one(bind.addr);
+    let first = one(fd2.addr);
+    let second = one(fd2.addr);
+    // The same in reverse order through another fresh flatdns: what one probe leaves in the
+    // cache is then served to the probes before it in genreport's order.
+    let fd3 = Flatdns::start(&["--upstream", &up]);
+    let reverse: Vec<Seen> = {
+        let mut seen: Vec<Seen> = probes
+            .iter()
+            .rev()
+            .map(|p| {
+                let zone = (p.target != compliance::Target::None).then_some(compliance::SIGNED);
+                compliance::probe(fd3.addr, p, zone)
+            })
+            .collect();
+        seen.reverse();
+        seen
+    };
+    let rows: Vec<Row> = probes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Row {
+            probe: p.name,
+            bind: direct[i].clone(),
+            flatdns: vec![first[i].clone(), second[i].clone(), reverse[i].clone()],
+            upstream: Vec::new(),
+        })
+        .collect();
+    let columns = [
+        "flatdns 1st round",
+        "flatdns 2nd round",
+        "flatdns, reverse order",
+    ];
+    println!(
+        "{}",
+        compliance::table(
+            &format!("Pass 2: every probe on {} in order", compliance::SIGNED),
+            &columns,
+            &rows
+        )
+    );
+    failures.extend(compliance::differences("one zone", &columns, &rows));
+    println!("compliance probes took {:?}", started.elapsed());
+    assert!(
+        failures.is_empty(),
+        "{} difference(s):\n\n{}\n\nflatdns log:\n{}",
+        failures.len(),
+        failures.join("\n\n"),
+        fd.log()
+    );
+}
+
+/// R17 on the wire: every reply flatdns writes itself (cache hits, flattened answers,
+/// BADVERS, NOTIMP, REFUSED, TC=1, FORMERR) has an OPT exactly when the query had one, of
+/// version 0, and echoes neither the header Z bit nor an unknown EDNS flag or option.
+#[test]
+fn compliance_self_written_answers_have_opt_exactly_when_the_query_had_one() {
+    use support::compliance;
+    let test = "compliance_self_written_answers_have_opt_exactly_when_the_query_had_one";
+    if !compliance_tools(test, &[]) {
+        return;
+    }
+    let bind = Named::start(&[(compliance::RAW, compliance::raw_zone())]);
+    let up = bind.addr.to_string();
+    let fd = Flatdns::start(&["--upstream", &up]);
+    let (lines, failures) = compliance::self_written(&bind, fd.addr);
+    println!("\nReplies flatdns writes itself:");
+    for l in &lines {
+        println!("  {}", l.text);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n\n{}\n\nflatdns log:\n{}",
+        failures.len(),
+        failures.join("\n\n"),
+        fd.log()
+    );
+}
+
+/// The verdict is not blind: against a server that echoes every query back, it reports the
+/// unknown option, the unknown EDNS flag, the Z bit and the EDNS version as echoed.
+#[test]
+fn compliance_verdict_sees_what_a_broken_server_echoes() {
+    use support::compliance::{self, Echo, Verdict};
+    if !tools::available(
+        "compliance_verdict_sees_what_a_broken_server_echoes",
+        &["dig"],
+    ) {
+        return;
+    }
+    let echo = Echo::start();
+    let probes = compliance::probes();
+    let by_name = |name: &str| -> Verdict {
+        let p = probes.iter().find(|p| p.name == name).unwrap();
+        compliance::probe(echo.addr, p, Some("example.test")).verdict
+    };
+    let v = by_name("ednsopt");
+    assert!(v.options.contains("OPT=100"), "ednsopt: {v}");
+    let v = by_name("ednsflags");
+    assert!(v.edns.as_ref().is_some_and(|e| e.mbz), "ednsflags: {v}");
+    let v = by_name("zflag");
+    assert!(v.flags.contains("z"), "zflag: {v}");
+    let v = by_name("edns1");
+    assert!(
+        v.status == "NOERROR" && v.edns.as_ref().is_some_and(|e| e.version == 1),
+        "edns1: {v}"
+    );
+    let v = by_name("optlist");
+    assert!(
+        v.options.contains("NSID") && v.options.contains("COOKIE(echoed)"),
+        "optlist: {v}"
+    );
+    let v = by_name("opcode");
+    assert!(v.opcode == "RESERVED15" && v.question == 1, "opcode: {v}");
+}
