@@ -210,5 +210,41 @@ pub fn matches(query: &[u8], reply: &[u8]) -> bool {
     if !wire::name_eq(rn, &query[HEADER_LEN..name_end]) || rtc != qtc {
         return false;
     }
-    wire::walk_records(reply, |_| {}).is_ok()
+    well_formed(reply)
+}
+
+/// Whether every name in `reply` decompresses (no pointer loops, forward pointers or names
+/// over 255 octets) and every record of a known type parses: a full parse with `domain`,
+/// which caps pointer chains. The hot path's scanner never follows pointers, so without this
+/// a reply with a pointer loop would be passed to the client (R20). Runs once per upstream
+/// reply, never on a cache hit.
+pub fn well_formed(reply: &[u8]) -> bool {
+    use domain::base::name::ParsedName;
+    use domain::base::Message;
+    use domain::rdata::AllRecordData;
+    let Ok(m) = Message::from_slice(reply) else {
+        return false;
+    };
+    if m.question().any(|q| q.is_err()) {
+        return false;
+    }
+    let Ok(mut section) = m.answer() else {
+        return false;
+    };
+    loop {
+        for rec in &mut section {
+            let Ok(rec) = rec else { return false };
+            if rec
+                .to_any_record::<AllRecordData<&[u8], ParsedName<&[u8]>>>()
+                .is_err()
+            {
+                return false;
+            }
+        }
+        match section.next_section() {
+            Ok(Some(next)) => section = next,
+            Ok(None) => return true,
+            Err(_) => return false,
+        }
+    }
 }

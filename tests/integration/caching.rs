@@ -348,6 +348,9 @@ async fn at_the_inflight_cap_misses_fail_fast_and_hits_are_served() {
     for t in stalled {
         assert_eq!(t.await.unwrap(), 2);
     }
+    // Recovery: with the stalled queries gone and the upstream back, misses are answered.
+    mock.set_default(Behavior::Answer);
+    assert_eq!(proxy.udp(&Q::new("s8.example.", A)).await.rcode(), 0);
 }
 
 fn stale_on(c: &mut flatdns::config::Config) {

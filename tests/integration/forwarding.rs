@@ -537,3 +537,21 @@ async fn refused_upstream_tcp_backs_off() {
     assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     acceptor.abort();
 }
+
+#[tokio::test]
+async fn malformed_upstream_replies_are_discarded_and_give_servfail() {
+    let mock = Mock::start(ZONE).await;
+    mock.set("www.example.", Behavior::Malformed);
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let r = proxy
+        .udp(&Q::new("www.example.", A).edns(1232, false))
+        .await;
+    assert_eq!(r.rcode(), 2, "no well-formed reply came: SERVFAIL");
+    assert!(r.answer.is_empty());
+    // The proxy is unharmed and a good reply still counts.
+    mock.set("www.example.", Behavior::Answer);
+    assert_eq!(
+        proxy.udp(&Q::new("www.example.", AAAA)).await.answer.len(),
+        1
+    );
+}

@@ -366,6 +366,9 @@ pub enum Behavior {
     Spoof,
     /// Set AD=1 on the answer.
     Ad,
+    /// Reply with the right ID and question but a malformed body: a compression-pointer loop
+    /// in the answer, and RDLENGTH past the end of the message.
+    Malformed,
 }
 
 #[derive(Debug, Clone)]
@@ -564,6 +567,38 @@ async fn respond(st: &Mutex<MockState>, q: &[u8], src: SocketAddr, tcp: bool) ->
     };
     match behavior {
         Behavior::Drop => return vec![],
+        Behavior::Malformed => {
+            // Pointer loop as the owner of the answer record.
+            let mut looped = header(0, 1, 0, false, false);
+            looped[11] = 0;
+            let at = looped.len();
+            looped.extend_from_slice(&[
+                0xc0 | (at >> 8) as u8,
+                at as u8,
+                0,
+                1,
+                0,
+                1,
+                0,
+                0,
+                0,
+                60,
+                0,
+                4,
+                1,
+                2,
+                3,
+                4,
+            ]);
+            // RDLENGTH beyond the data.
+            let mut cut = header(0, 1, 0, false, false);
+            cut[11] = 0;
+            cut.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 200, 1, 2, 3, 4]);
+            // Counts larger than the data.
+            let mut counts = header(0, 5, 0, false, false);
+            counts[11] = 0;
+            return vec![looped, cut, counts];
+        }
         Behavior::Delay(d) => tokio::time::sleep(d).await,
         Behavior::Servfail | Behavior::Refused => {
             let mut m = header(
