@@ -153,6 +153,19 @@ fn lower_name<N: ToName + ?Sized>(name: &N) -> Vec<u8> {
 
 /// Follows the chain from `start` through the answer section of `msg`.
 pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
+    // Most answers hold no CNAME: then there is no chain to walk, and no need to decompress
+    // a single name to know it (a continuing chain found its records already, or has none).
+    let mut cnames = false;
+    if wire::walk_records(msg, |r| {
+        cnames |= r.section == wire::Section::Answer && r.rtype == wire::TYPE_CNAME
+    })
+    .is_err()
+    {
+        return Step::Fail(Skip::Malformed);
+    }
+    if !cnames && chain.links.is_empty() {
+        return Step::Fail(Skip::NoChain);
+    }
     let Ok(m) = Message::from_slice(msg) else {
         return Step::Fail(Skip::Malformed);
     };

@@ -14,7 +14,7 @@
 mod pool;
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -163,13 +163,13 @@ async fn exchange(
 }
 
 async fn udp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamError> {
-    let bind: SocketAddr = if server.is_ipv4() {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let sock = UdpSocket::bind(bind).await?;
-    sock.connect(server).await?;
+    // Non-blocking from creation, and connect() binds the socket to a random ephemeral port
+    // itself (Linux picks it as for bind(0)): two system calls fewer per miss than
+    // bind + set_nonblocking, the same fresh random port (R2).
+    let domain = socket2::Domain::for_address(server);
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM.nonblocking().cloexec(), None)?;
+    sock.connect(&server.into())?;
+    let sock = UdpSocket::from_std(sock.into())?;
     sock.send(msg).await?;
     // Capacity, not zeroed memory: a miss should not pay a 64 KiB memset.
     let mut buf = Vec::with_capacity(65_535);
