@@ -42,6 +42,11 @@ impl Prepared {
     pub fn new(reply: &[u8], ttl_fix: impl Fn(u32) -> u32) -> Option<Prepared> {
         let mut records: Vec<RecordPos> = Vec::new();
         let question_end = wire::walk_records(reply, |r| records.push(r.clone())).ok()?;
+        // More than one OPT is malformed (RFC 6891 6.1.1); stripping only the first would let
+        // a second carry one client's options to another.
+        if records.iter().filter(|r| r.rtype == wire::TYPE_OPT).count() > 1 {
+            return None;
+        }
         let mut wire_bytes = reply.to_vec();
         let mut opt = None;
         if let Some(idx) = records.iter().position(|r| r.rtype == wire::TYPE_OPT) {

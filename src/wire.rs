@@ -155,14 +155,24 @@ pub fn skip_name(msg: &[u8], mut pos: usize) -> Result<usize, WireError> {
     }
 }
 
-/// Like [`skip_name`] for a name that must not be compressed (the question of a query).
-fn skip_plain_name(msg: &[u8], pos: usize) -> Result<usize, WireError> {
-    let end = skip_name(msg, pos)?;
-    // A compressed name ends in a pointer (two octets, top bits set): its last octet is not 0.
-    if msg[end - 1] != 0 {
-        return Err(WireError::BadName);
+/// Like [`skip_name`] for a name that must not be compressed (the question of a query):
+/// any compression pointer is an error, wherever it stands.
+fn skip_plain_name(msg: &[u8], mut pos: usize) -> Result<usize, WireError> {
+    let mut len = 0usize;
+    loop {
+        let b = *msg.get(pos).ok_or(WireError::Short)?;
+        match b {
+            0 => return Ok(pos + 1),
+            1..=63 => {
+                len += b as usize + 1;
+                if len + 1 > MAX_NAME_LEN {
+                    return Err(WireError::BadName);
+                }
+                pos += b as usize + 1;
+            }
+            _ => return Err(WireError::BadName),
+        }
     }
-    Ok(end)
 }
 
 /// Which section a record sits in.
@@ -503,11 +513,14 @@ mod tests {
             Query::parse(&query(&name, 1)),
             Err(QueryError::FormErr { .. })
         ));
-        // Compression pointer in the question (points at itself).
-        assert!(matches!(
-            Query::parse(&query(&[0xc0, 12], 1)),
-            Err(QueryError::FormErr { .. })
-        ));
+        // Compression pointer in the question (points at itself), and one whose second
+        // octet is 0 (found by fuzzing: it ends in a 0 like a root label).
+        for pointer in [[0xc0, 12], [0xc0, 0], [0xff, 0]] {
+            assert!(matches!(
+                Query::parse(&query(&pointer, 1)),
+                Err(QueryError::FormErr { .. })
+            ));
+        }
         // Counts larger than the data.
         let mut q = query(b"\x00", 1);
         q[7] = 5;

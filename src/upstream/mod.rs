@@ -210,6 +210,14 @@ pub fn matches(query: &[u8], reply: &[u8]) -> bool {
     if !wire::name_eq(rn, &query[HEADER_LEN..name_end]) || rtc != qtc {
         return false;
     }
+    // More than one OPT is malformed (RFC 6891 6.1.1), and a second one could carry a client's
+    // cookie past the stripping that shared answers get.
+    let mut opts = 0;
+    if wire::walk_records(reply, |r| opts += usize::from(r.rtype == wire::TYPE_OPT)).is_err()
+        || opts > 1
+    {
+        return false;
+    }
     well_formed(reply)
 }
 
@@ -246,5 +254,44 @@ pub fn well_formed(reply: &[u8]) -> bool {
             Ok(None) => return true,
             Err(_) => return false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_reply_with_two_opt_records_is_rejected() {
+        // Found by fuzzing (reply target): the second OPT carries a cookie.
+        let reply = hex("12348180000100010000000203777777076578616d706c650000010001c00c000100010000012c0004c000020100002904d000000000000000002904d000000000000c000a00080001020304050607");
+        let mut q = reply[..29].to_vec();
+        q[2] = 0x01;
+        q[3] = 0x00;
+        q[6..12].copy_from_slice(&[0, 0, 0, 0, 0, 0]);
+        assert!(!matches(&q, &reply));
+        // The same reply with one OPT is accepted.
+        let mut one = reply[..45].to_vec();
+        one[11] = 1;
+        one.extend_from_slice(&hex("00002904d0000000000000"));
+        assert!(matches(&q, &one));
+    }
+
+    #[test]
+    fn a_reply_with_a_pointer_loop_is_rejected() {
+        let mut reply = hex("12348180000100010000000003777777076578616d706c650000010001");
+        reply.extend_from_slice(&[0xc0, 29, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 1, 2, 3, 4]);
+        let mut q = reply[..29].to_vec();
+        q[2] = 0x01;
+        q[3] = 0x00;
+        q[6..12].copy_from_slice(&[0, 0, 0, 0, 0, 0]);
+        assert!(!matches(&q, &reply));
     }
 }
