@@ -41,12 +41,30 @@ fn main() -> ExitCode {
         .with_ansi(ansi)
         .init();
 
+    raise_fd_limit(&config);
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("flatdns: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Each upstream query in flight holds a socket, each TCP client a connection (and each TCP
+/// query maybe one upstream): with the usual soft limit of 1,024 descriptors the R11 figure of
+/// 4,096 in flight could never be reached. Raise the soft limit toward the hard one, as
+/// dnsdist does, and say so when even the hard limit is too low.
+fn raise_fd_limit(config: &Config) {
+    let want = (config.limits.max_inflight + 2 * config.limits.tcp_connections + 256) as u64;
+    match rlimit::increase_nofile_limit(want) {
+        Ok(got) if got < want => tracing::warn!(
+            got,
+            want,
+            "open-file limit below what limits.max_inflight needs; raise it (LimitNOFILE= in systemd)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
 }
 

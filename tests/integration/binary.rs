@@ -74,15 +74,18 @@ fn check_config_accepts_the_shipped_file() {
 #[tokio::test]
 async fn serves_and_exits_0_on_sigterm() {
     let mock = Mock::start("www.example. 300 IN A 192.0.2.1").await;
-    let mut child = Command::new(BIN)
+    // Started with a soft open-file limit of 1,024, as many systems default to: flatdns must
+    // raise it to fit limits.max_inflight (R11). prlimit execs it: same pid.
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=1024:20000")
+        .arg(BIN)
         .args([
             "--listen",
             "127.0.0.1:0",
             "--upstream",
             &mock.addr.to_string(),
-            "--log-level",
-            "info",
         ])
+        .args(["--log-level", "info"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -118,6 +121,15 @@ async fn serves_and_exits_0_on_sigterm() {
     };
     let r = udp_query(addr, &Q::new("www.example.", A).wire()).await;
     assert_eq!(r.answer_no_ttl(), vec!["www.example. A 192.0.2.1"]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(soft >= 4096 + 512, "open-file soft limit {soft}");
     let r = tcp_query(addr, &Q::new("www.example.", A).wire()).await;
     assert_eq!(r.answer.len(), 1);
     let status = Command::new("kill")
