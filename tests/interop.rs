@@ -1453,3 +1453,71 @@ fn compliance_verdict_sees_what_a_broken_server_echoes() {
     let v = by_name("opcode");
     assert!(v.opcode == "RESERVED15" && v.question == 1, "opcode: {v}");
 }
+
+// ==========================================================================================
+// Issue 7: ALIAS at the zone apex, in front of a legacy BIND
+
+/// BIND serves two zones, `cfg.test` (an ALIAS at its apex defined in flatdns's config) and
+/// `zone.test` (an ALIAS at its apex stored in the zone as TYPE65401); both point at
+/// target.elsewhere.test, which only BIND #2 serves, through Unbound.
+#[test]
+fn alias_at_the_apex_config_and_zone_stored() {
+    if !flatten_tools("alias_at_the_apex_config_and_zone_stored") {
+        return;
+    }
+    let apex_body = "@ 3600 MX 10 mail\nmail 300 A 192.0.2.25\n";
+    // TYPE65401 rdata: target.elsewhere.test. in wire form (23 octets).
+    let zone_body = format!(
+        "{apex_body}@ 120 TYPE65401 \\# 23 0674617267657409656c73657768657265047465737400\n"
+    );
+    let legacy = Named::start(&[
+        ("cfg.test", zone("cfg.test", apex_body)),
+        ("zone.test", zone("zone.test", &zone_body)),
+    ]);
+    let elsewhere = Named::start(&[("elsewhere.test", elsewhere_zone())]);
+    let unbound = Unbound::start(&[("elsewhere.test", elsewhere.addr)]);
+    let dir = TempDir::new("alias");
+    let conf = dir.write(
+        "flatdns.toml",
+        "alias_from_zone = true\n\n[[alias]]\nname = \"cfg.test\"\ntarget = \"target.elsewhere.test\"\nttl = 30\n",
+    );
+    let (up, res) = (legacy.addr.to_string(), unbound.addr.to_string());
+    let conf = conf.to_string_lossy().to_string();
+    let fd = Flatdns::start(&["--upstream", &up, "--resolver", &res, "--config", &conf]);
+    let fd = fd.addr;
+
+    // Config-defined: the target's addresses, TTL min(alias 30, target 60).
+    let v = dig_full(fd, &["cfg.test", "A"]);
+    assert_flat(
+        &v,
+        "cfg.test.",
+        "A",
+        29..=30,
+        &["198.51.100.1", "198.51.100.2"],
+    );
+    let v = dig_full(fd, &["cfg.test", "AAAA"]);
+    assert_flat(&v, "cfg.test.", "AAAA", 29..=30, &["2001:db8::1"]);
+    // Zone-stored: min(ALIAS record 120, target 60).
+    let v = dig_full(fd, &["zone.test", "A"]);
+    assert_flat(
+        &v,
+        "zone.test.",
+        "A",
+        59..=60,
+        &["198.51.100.1", "198.51.100.2"],
+    );
+
+    // Every other type at the apex is BIND's own answer.
+    for name in ["cfg.test", "zone.test"] {
+        for qtype in ["MX", "SOA", "NS"] {
+            let via = dig_full(fd, &[name, qtype]);
+            let direct = dig_full(legacy.addr, &[name, qtype]);
+            assert_eq!(via.status, direct.status, "{name} {qtype}");
+            assert_eq!(
+                via.records, direct.records,
+                "{name} {qtype}: BIND's own answer"
+            );
+            assert!(!via.records.is_empty(), "{name} {qtype}");
+        }
+    }
+}
