@@ -871,6 +871,40 @@ mod tests {
         assert_eq!(c.cache.max_ttl, 86_400);
         assert_eq!(c.flatten.max_chain, 11);
         assert_eq!(c.limits.client_deadline, Duration::from_millis(4500));
+        // The requirements' figures (R4, R8, R9, R11-R14, R16, R26) are the defaults.
+        let l = &c.limits;
+        assert_eq!(
+            (l.max_inflight, l.waiters_per_key, l.pending_per_client),
+            (4096, 100, 1000)
+        );
+        assert_eq!(
+            (l.tcp_connections, l.tcp_per_client, l.udp_size),
+            (256, 16, 1232)
+        );
+        assert_eq!(l.tcp_idle_timeout, Duration::from_secs(10));
+        assert_eq!(l.tcp_message_timeout, Duration::from_secs(2));
+        assert_eq!(l.tcp_write_timeout, Duration::from_secs(5));
+        assert_eq!(l.upstream_tcp_idle, Duration::from_secs(10));
+        assert!(l.tcp_pipeline >= 100);
+        assert_eq!(c.attempts, 2);
+        assert_eq!((c.cache.negative_ttl_max, c.cache.failure_ttl), (3600, 5));
+        assert!(c.cache.stale.is_none(), "serve-stale is off by default");
+        let on = Config::build(
+            &Cli {
+                upstream: vec!["192.0.2.1".into()],
+                serve_stale: true,
+                ..Cli::default()
+            },
+            None,
+            "",
+            "",
+        )
+        .unwrap();
+        let stale = on.cache.stale.unwrap();
+        assert_eq!(
+            (stale.answer_after, stale.max_age),
+            (Duration::from_millis(1800), Duration::from_secs(86_400))
+        );
         assert_eq!(
             c.flatten.exclude,
             vec![Exclude::FirstLabel(b"\x0f_acme-challenge".to_vec())]
