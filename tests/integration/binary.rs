@@ -71,33 +71,38 @@ fn check_config_accepts_the_shipped_file() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("192.0.2.1:53"));
 }
 
-#[tokio::test]
-async fn serves_and_exits_0_on_sigterm() {
-    let mock = Mock::start("www.example. 300 IN A 192.0.2.1").await;
-    // Started with a soft open-file limit of 1,024, as many systems default to: flatdns must
-    // raise it to fit limits.max_inflight (R11). prlimit execs it: same pid.
-    let mut child = Command::new("prlimit")
-        .arg("--nofile=1024:20000")
-        .arg(BIN)
+/// The flatdns binary, killed on drop so a failing test leaves nothing behind.
+struct Running {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `cmd` (the binary, or a wrapper that execs it) listening on 127.0.0.1:0 and
+/// forwarding to `upstream`; waits for its start-up line and reads the bound address there.
+fn start(mut cmd: Command, upstream: std::net::SocketAddr) -> Running {
+    let mut child = cmd
         .args([
             "--listen",
             "127.0.0.1:0",
             "--upstream",
-            &mock.addr.to_string(),
+            &upstream.to_string(),
         ])
         .args(["--log-level", "info"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let stderr = child.stderr.take().unwrap();
-    let mut child = Kill(child);
+    let mut running = Running {
+        child,
+        addr: ([0, 0, 0, 0], 0).into(),
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -105,7 +110,7 @@ async fn serves_and_exits_0_on_sigterm() {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(10);
-    let addr = loop {
+    running.addr = loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("startup line");
@@ -115,13 +120,25 @@ async fn serves_and_exits_0_on_sigterm() {
                 .next()
                 .unwrap()
                 .trim_matches('"')
-                .parse::<std::net::SocketAddr>()
+                .parse()
                 .unwrap();
         }
     };
+    running
+}
+
+#[tokio::test]
+async fn serves_and_exits_0_on_sigterm() {
+    let mock = Mock::start("www.example. 300 IN A 192.0.2.1").await;
+    // Started with a soft open-file limit of 1,024, as many systems default to: flatdns must
+    // raise it to fit limits.max_inflight (R11). prlimit execs it: same pid.
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=1024:20000").arg(BIN);
+    let mut child = start(cmd, mock.addr);
+    let addr = child.addr;
     let r = udp_query(addr, &Q::new("www.example.", A).wire()).await;
     assert_eq!(r.answer_no_ttl(), vec!["www.example. A 192.0.2.1"]);
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.child.id())).unwrap();
     let soft: u64 = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
@@ -133,13 +150,13 @@ async fn serves_and_exits_0_on_sigterm() {
     let r = tcp_query(addr, &Q::new("www.example.", A).wire()).await;
     assert_eq!(r.answer.len(), 1);
     let status = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
+        .args(["-TERM", &child.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let mut code = None;
     for _ in 0..100 {
-        if let Some(s) = child.0.try_wait().unwrap() {
+        if let Some(s) = child.child.try_wait().unwrap() {
             code = s.code();
             break;
         }
@@ -160,40 +177,17 @@ fn rss_kib(pid: u32) -> u64 {
 async fn a_million_queries_on_one_tcp_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = Mock::start("www.example. 300 IN A 192.0.2.1").await;
-    let child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &mock.addr.to_string(),
-            "--log-level",
-            "info",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
-    let stderr = child.0.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("startup line").unwrap();
-        if let Some(rest) = line.split("listen=").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse::<std::net::SocketAddr>()
-                .unwrap();
-        }
-    };
-    let pid = child.0.id();
+    let child = start(Command::new(BIN), mock.addr);
+    let addr = child.addr;
+    let pid = child.child.id();
+    // Warm the cache first: a cold flood of one name would (rightly) get SERVFAIL past the
+    // 100 waiters allowed on one in-flight query (R4).
+    assert_eq!(
+        udp_query(addr, &Q::new("www.example.", A).wire())
+            .await
+            .rcode(),
+        0
+    );
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut rd, mut wr) = stream.into_split();
     let q = Q::new("www.example.", A).wire();
