@@ -32,14 +32,22 @@ impl CookieSecret {
         let mut out = [0u8; 16];
         out[0] = 1; // version
         out[4..8].copy_from_slice(&now.to_be_bytes());
-        let mut input = Vec::with_capacity(8 + 8 + 16);
-        input.extend_from_slice(client);
-        input.extend_from_slice(&out[..8]);
-        match ip {
-            IpAddr::V4(v4) => input.extend_from_slice(&v4.octets()),
-            IpAddr::V6(v6) => input.extend_from_slice(&v6.octets()),
-        }
-        let hash = SipHasher24::new_with_key(&self.key).hash(&input);
+        // On the stack: this runs on cache hits, which allocate nothing but the reply.
+        let mut input = [0u8; 8 + 8 + 16];
+        input[..8].copy_from_slice(client);
+        input[8..16].copy_from_slice(&out[..8]);
+        let len = match ip {
+            IpAddr::V4(v4) => {
+                input[16..20].copy_from_slice(&v4.octets());
+                20
+            }
+            IpAddr::V6(v6) => {
+                input[16..32].copy_from_slice(&v6.octets());
+                32
+            }
+        };
+        let input = &input[..len];
+        let hash = SipHasher24::new_with_key(&self.key).hash(input);
         out[8..].copy_from_slice(&hash.to_be_bytes());
         out
     }
