@@ -5,7 +5,7 @@
 //! value and the rule it broke; `main` turns it into exit status 2. `config/flatdns.toml`
 //! documents every key with its default, and a test parses it.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -845,10 +845,6 @@ impl Config {
         }
     }
 }
-
-/// Loopback addresses for both families, handy in tests.
-pub const LOCALHOST_V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-pub const LOCALHOST_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 
 #[cfg(test)]
 mod tests {

@@ -308,7 +308,7 @@ pub fn is_noerror(msg: &[u8]) -> bool {
         && crate::response::opt_of(msg).is_none_or(|o| o.ttl >> 24 == 0)
 }
 
-/// The extended-aware rcode class of a chase reply.
+/// The header rcode of a chase reply (`is_noerror` also checks the extended bits).
 pub fn rcode(msg: &[u8]) -> Option<u8> {
     Header::read(msg).map(|h| h.rcode())
 }

@@ -229,6 +229,9 @@ impl Handler {
         transport: Transport,
     ) -> Option<Vec<u8>> {
         let mut out = Vec::new();
+        // Listeners call this after their own answer_fast said Miss: the second look is
+        // deliberate, since a leader may have filled the cache in between, and a hit here
+        // saves an upstream query that coalescing could no longer prevent.
         match self.answer_fast(&msg, client, transport, &mut out) {
             Fast::Reply => return Some(out),
             Fast::Drop => return None,

@@ -126,10 +126,6 @@ impl Prepared {
     pub fn is_empty(&self) -> bool {
         self.wire.is_empty()
     }
-    /// Approximate heap footprint, for a byte-bounded cache weigher.
-    pub fn footprint(&self) -> usize {
-        self.wire.len() + 2 * self.ttl_offsets.len() + std::mem::size_of::<Self>()
-    }
     /// The smallest TTL in the message (after `ttl_fix`), if it has records.
     pub fn min_ttl(&self) -> Option<u32> {
         self.ttl_offsets

@@ -79,10 +79,6 @@ impl Upstream {
         }
     }
 
-    pub fn servers(&self) -> &[SocketAddr] {
-        &self.servers
-    }
-
     /// Sends `query` (any ID; a fresh one is set per attempt) and returns the first matching
     /// reply, with the upstream's ID still in it.
     ///
