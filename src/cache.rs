@@ -16,6 +16,7 @@ use moka::Expiry;
 use tokio::time::Instant;
 
 use crate::config::CacheConfig;
+use crate::metrics::Metrics;
 use crate::response::{clamp_ttl, Prepared};
 use crate::wire::{self, Header, Query};
 
@@ -176,21 +177,50 @@ impl Expiry<Box<[u8]>, Arc<Entry>> for Expire {
 pub struct Cache {
     inner: Option<Moka<Box<[u8]>, Arc<Entry>>>,
     policy: CacheConfig,
+    metrics: Arc<Metrics>,
 }
 
 impl Cache {
     pub fn new(policy: &CacheConfig) -> Cache {
+        Cache::with_metrics(policy, Arc::new(Metrics::new()))
+    }
+
+    /// A cache that counts insertions, evictions, entries and bytes in `metrics`. The entry
+    /// and byte gauges go up on insertion and down in moka's eviction listener, which sees
+    /// every removal (size, expiry, replacement, flush), so they stay exact up to moka's
+    /// batched maintenance.
+    pub fn with_metrics(policy: &CacheConfig, metrics: Arc<Metrics>) -> Cache {
         let inner = (policy.size > 0).then(|| {
+            let m = metrics.clone();
             Moka::builder()
                 .max_capacity(policy.size)
                 .expire_after(Expire {
                     stale: policy.stale.map_or(Duration::ZERO, |s| s.max_age),
+                })
+                .eviction_listener(move |_k, v: Arc<Entry>, cause| {
+                    use moka::notification::RemovalCause;
+                    match cause {
+                        RemovalCause::Size => m.cache_evictions.inc(),
+                        RemovalCause::Expired => m.cache_expirations.inc(),
+                        RemovalCause::Replaced | RemovalCause::Explicit => 0,
+                    };
+                    m.cache_entries.dec();
+                    m.cache_bytes.dec_by(v.answer.len() as i64);
                 })
                 .build()
         });
         Cache {
             inner,
             policy: policy.clone(),
+            metrics,
+        }
+    }
+
+    /// Drops every entry (SIGHUP with `flush_on_reload`).
+    pub fn clear(&self) {
+        if let Some(c) = &self.inner {
+            c.invalidate_all();
+            c.run_pending_tasks();
         }
     }
 
@@ -215,6 +245,9 @@ impl Cache {
                 return;
             }
             if entry.kind != Kind::Uncached {
+                self.metrics.cache_insertions.inc();
+                self.metrics.cache_entries.inc();
+                self.metrics.cache_bytes.inc_by(entry.answer.len() as i64);
                 c.insert(key.into(), entry);
             }
         }
@@ -324,6 +357,7 @@ mod tests {
             negative_ttl_max: 3600,
             failure_ttl: 5,
             stale: None,
+            flush_on_reload: false,
         })
     }
 

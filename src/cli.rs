@@ -3,12 +3,18 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
 /// A DNS forwarding proxy that flattens CNAME chains into plain A/AAAA answers.
+///
+/// SIGHUP reloads the config file (upstreams, resolver, ACL, flatten scope, aliases, log
+/// level); SIGTERM/SIGINT finish the queries in flight and exit.
 #[derive(Debug, Default, Clone, Parser)]
 #[command(name = "flatdns", version, about, long_about = None)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Config file (TOML). Flags override its values.
     #[arg(long, short = 'c', value_name = "FILE", help_heading = "General")]
     pub config: Option<PathBuf>,
@@ -68,4 +74,69 @@ pub struct Cli {
     /// Serve expired answers (TTL 30) when the upstream is slow or failing (RFC 8767).
     #[arg(long, help_heading = "Cache")]
     pub serve_stale: bool,
+
+    /// Empty the cache when SIGHUP reloads the configuration (by default it is kept).
+    #[arg(long, help_heading = "Cache")]
+    pub flush_on_reload: bool,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (port defaults to 9153). Default: off.
+    #[arg(long, value_name = "IP:PORT", help_heading = "Observability")]
+    pub metrics: Option<String>,
+
+    /// Log every answered query to stdout: off, text or json. Default: off.
+    #[arg(long, value_name = "FORMAT", help_heading = "Observability")]
+    pub query_log: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Look NAME up as the proxy would and print the chain walked (each hop's TTL and which
+    /// server answered it), the decision (flattened, or why not) and the final answer.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// The name to look up, e.g. www.example.com
+    pub name: String,
+
+    /// Query type: A (default), AAAA, MX, TYPE65401 ...
+    #[arg(default_value = "A")]
+    pub qtype: String,
+
+    /// Upstream nameserver (repeatable). Default: the config file's, else /etc/resolv.conf.
+    #[arg(long, value_name = "ADDR")]
+    pub upstream: Vec<String>,
+
+    /// Resolver for the rest of a partial chain (repeatable). Default: the config file's.
+    #[arg(long, value_name = "ADDR")]
+    pub resolver: Vec<String>,
+
+    /// Config file whose upstreams, resolver, flatten scope and aliases apply.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Time allowed per upstream attempt. Default 2s.
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+}
+
+impl ExplainArgs {
+    /// The flags that configure the lookup: explain's own, over the top-level ones. It does
+    /// not listen, so the listen address is set to one that cannot clash with an upstream.
+    pub fn cli(&self, top: &Cli) -> Cli {
+        let or =
+            |a: &Vec<String>, b: &Vec<String>| if a.is_empty() { b.clone() } else { a.clone() };
+        Cli {
+            command: None,
+            config: self.config.clone().or_else(|| top.config.clone()),
+            upstream: or(&self.upstream, &top.upstream),
+            resolver: or(&self.resolver, &top.resolver),
+            timeout: self.timeout.clone().or_else(|| top.timeout.clone()),
+            listen: vec!["127.0.0.1:0".into()],
+            metrics: None,
+            query_log: Some("off".into()),
+            ..top.clone()
+        }
+    }
 }

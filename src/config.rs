@@ -73,6 +73,8 @@ pub struct CacheConfig {
     pub failure_ttl: u32,
     /// RFC 8767 serve-stale: `Some` when on.
     pub stale: Option<StaleConfig>,
+    /// Empty the cache when SIGHUP reloads the configuration (it survives by default).
+    pub flush_on_reload: bool,
 }
 
 /// Serve-stale (RFC 8767): how long to wait for a fresh answer before serving a stale one,
@@ -149,6 +151,31 @@ pub struct Config {
     pub aliases: Vec<Alias>,
     /// Honour PowerDNS-style ALIAS records (TYPE65401) held in the upstream's zone.
     pub alias_from_zone: bool,
+    /// Where `/metrics` is served (Prometheus); `None`: not served.
+    pub metrics: Option<SocketAddr>,
+    /// One log line per answered query, and its format.
+    pub query_log: QueryLog,
+}
+
+/// The structured query log (`--query-log`): off, or one line per answered query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryLog {
+    Off,
+    /// tracing-subscriber's plain text lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl QueryLog {
+    pub fn parse(text: &str) -> Option<QueryLog> {
+        match text {
+            "off" => Some(QueryLog::Off),
+            "text" => Some(QueryLog::Text),
+            "json" => Some(QueryLog::Json),
+            _ => None,
+        }
+    }
 }
 
 /// An ALIAS defined in the config file (Route 53 semantics, for a zone apex).
@@ -209,6 +236,8 @@ struct RawFile {
     #[serde(default)]
     alias: Vec<RawAlias>,
     alias_from_zone: S<bool>,
+    metrics: S<String>,
+    query_log: S<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,6 +259,7 @@ struct RawCache {
     serve_stale: S<bool>,
     stale_answer_after: S<RawDuration>,
     stale_max_age: S<RawDuration>,
+    flush_on_reload: S<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -656,6 +686,13 @@ impl Config {
             Duration::from_secs(1),
             Duration::from_secs(7 * 86_400),
         )?;
+        let flush_on_reload = l
+            .pick(
+                ("--flush-on-reload", cli.flush_on_reload.then_some(true)),
+                &c.flush_on_reload,
+                false,
+            )
+            .v;
         let stale = stale_on.v.then_some(StaleConfig {
             answer_after,
             max_age,
@@ -797,9 +834,45 @@ impl Config {
         }
         let alias_from_zone = l.pick(("", None), &raw.alias_from_zone, false).v;
 
+        let metrics_v = l.pick(
+            ("--metrics", cli.metrics.clone()),
+            &raw.metrics,
+            String::new(),
+        );
+        let metrics = match metrics_v.v.as_str() {
+            "" => None,
+            a => Some(parse_addr(a, 9153).map_err(|e| invalid(&metrics_v, "metrics", e))?),
+        };
+        if let Some(m) = metrics {
+            if listen.iter().any(|l| {
+                l.port() == m.port()
+                    && (l.ip() == m.ip() || l.ip().is_unspecified() || m.ip().is_unspecified())
+            }) {
+                return Err(invalid(
+                    &metrics_v,
+                    "metrics",
+                    "is a DNS listen address (flatdns serves DNS over TCP there)",
+                ));
+            }
+        }
+        let qlog_v = l.pick(
+            ("--query-log", cli.query_log.clone()),
+            &raw.query_log,
+            "off".to_string(),
+        );
+        let query_log = QueryLog::parse(&qlog_v.v).ok_or_else(|| {
+            invalid(
+                &qlog_v,
+                "query_log",
+                "expected \"off\", \"text\" or \"json\"",
+            )
+        })?;
+
         Ok(Config {
             aliases,
             alias_from_zone,
+            metrics,
+            query_log,
             listen_is_default: DEFAULT_LISTEN
                 .iter()
                 .map(|a| parse_addr(a, 53).ok())
@@ -818,6 +891,7 @@ impl Config {
                 negative_ttl_max,
                 failure_ttl,
                 stale,
+                flush_on_reload,
             },
             flatten: FlattenConfig {
                 enabled,

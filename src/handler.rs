@@ -18,12 +18,18 @@
 //! Steps 1-4 are [`Handler::answer_fast`], which never waits: listeners call it inline and
 //! spawn a task only for a miss. Any per-query failure ends here as an rcode; nothing a client
 //! or an upstream sends can stop a listener.
+//!
+//! Every query that gets a reply is counted once, where its reply is final ([`Handler::done`]):
+//! the query metrics and the query log. What a SIGHUP may change (upstreams, resolver, ACL,
+//! flatten scope, aliases) sits in one [`Settings`] value swapped atomically
+//! ([`Handler::reload`]); a query in flight finishes with the settings it started with.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use ipnet::IpNet;
 use tokio::sync::Semaphore;
@@ -31,11 +37,13 @@ use tokio::time::{timeout_at, Instant};
 use tracing::debug;
 
 use crate::cache::{keyflag, Cache, Entry, Key, Kind};
-use crate::config::{Alias, Config, STALE_TTL, TYPE_ALIAS};
+use crate::config::{Alias, Config, FlattenConfig, QueryLog, STALE_TTL, TYPE_ALIAS};
 use crate::cookie::CookieSecret;
+use crate::explain::{Event, Trace};
 use crate::flatten::{self, Chain, Skip, Step};
 use crate::inflight::{Inflight, Join};
 use crate::limit::PerClient;
+use crate::metrics::{Metrics, Source};
 use crate::response::{self, Prepared};
 use crate::upstream::Upstream;
 use crate::wire::{self, Query, QueryError};
@@ -77,28 +85,48 @@ enum Got {
     Failed,
 }
 
-/// Everything a query needs, shared by all listeners.
-pub struct Handler {
-    config: Config,
-    allow: Vec<IpNet>,
-    cache: Cache,
-    inflight: Inflight,
-    upstream: Upstream,
-    resolver: Upstream,
-    permits: Semaphore,
-    pending: Arc<PerClient>,
-    cookies: CookieSecret,
-    aliases: HashMap<Vec<u8>, Alias>,
+/// How a reply came about: where from, and whether it is a flattened answer.
+#[derive(Debug, Clone, Copy)]
+struct Served {
+    source: Source,
+    flattened: bool,
 }
 
-impl Handler {
-    pub fn new(config: Config) -> Handler {
+impl Served {
+    const LOCAL: Served = Served {
+        source: Source::Local,
+        flattened: false,
+    };
+    fn upstream(flattened: bool) -> Served {
+        Served {
+            source: Source::Upstream,
+            flattened,
+        }
+    }
+}
+
+/// What a configuration reload (SIGHUP) may change; everything else (listen addresses,
+/// cache size, limits, metrics address, query log) is fixed at start, since changing it
+/// would mean dropping sockets or state.
+pub struct Settings {
+    pub config: Config,
+    allow: Vec<IpNet>,
+    upstream: Upstream,
+    resolver: Upstream,
+    flatten: FlattenConfig,
+    aliases: HashMap<Vec<u8>, Alias>,
+    alias_from_zone: bool,
+}
+
+impl Settings {
+    fn new(config: &Config, metrics: &Metrics) -> Settings {
         let upstream = Upstream::new(
             config.upstreams.clone(),
             config.timeout,
             config.attempts,
             config.limits.upstream_tcp_idle,
-        );
+        )
+        .with_metrics(metrics, "upstream");
         let resolver = if config.resolvers.is_empty() {
             upstream.clone()
         } else {
@@ -108,23 +136,77 @@ impl Handler {
                 config.attempts,
                 config.limits.upstream_tcp_idle,
             )
+            .with_metrics(metrics, "resolver")
         };
-        Handler {
+        Settings {
+            config: config.clone(),
             allow: config.allow.clone(),
-            cache: Cache::new(&config.cache),
-            inflight: Inflight::new(config.limits.waiters_per_key),
-            permits: Semaphore::new(config.limits.max_inflight),
-            pending: PerClient::new(config.limits.pending_per_client),
-            cookies: CookieSecret::random(),
+            upstream,
+            resolver,
+            flatten: config.flatten.clone(),
             aliases: config
                 .aliases
                 .iter()
                 .map(|a| (a.name.clone(), a.clone()))
                 .collect(),
-            upstream,
-            resolver,
+            alias_from_zone: config.alias_from_zone,
+        }
+    }
+
+    fn allowed(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Keys whose new value waits for a restart (the running value stays).
+    pub need_restart: Vec<&'static str>,
+    pub flushed: bool,
+}
+
+/// Everything a query needs, shared by all listeners.
+pub struct Handler {
+    /// The configuration as started: limits, cache policy and sockets never change.
+    config: Config,
+    settings: ArcSwap<Settings>,
+    cache: Cache,
+    inflight: Inflight,
+    permits: Semaphore,
+    pending: Arc<PerClient>,
+    cookies: CookieSecret,
+    metrics: Arc<Metrics>,
+    query_log: bool,
+    trace: Option<Arc<Trace>>,
+}
+
+impl Handler {
+    pub fn new(config: Config) -> Handler {
+        let metrics = Arc::new(Metrics::new());
+        Handler {
+            settings: ArcSwap::from_pointee(Settings::new(&config, &metrics)),
+            cache: Cache::with_metrics(&config.cache, metrics.clone()),
+            inflight: Inflight::new(config.limits.waiters_per_key),
+            permits: Semaphore::new(config.limits.max_inflight),
+            pending: PerClient::new(config.limits.pending_per_client),
+            cookies: CookieSecret::random(),
+            query_log: config.query_log != QueryLog::Off,
+            metrics,
+            trace: None,
             config,
         }
+    }
+
+    /// A handler that records every upstream exchange and decision in `trace` (for
+    /// `flatdns explain`).
+    pub fn with_trace(mut self, trace: Arc<Trace>) -> Handler {
+        self.trace = Some(trace);
+        self
     }
 
     pub fn config(&self) -> &Config {
@@ -135,12 +217,89 @@ impl Handler {
         &self.cache
     }
 
-    fn allowed(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The settings in force now.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.load_full()
+    }
+
+    /// Applies what may change at run time from `new` (upstreams, resolver, ACL, flatten
+    /// scope, aliases); queries already in flight finish with the old settings. Keys that
+    /// need a restart keep their running value and are named in the result. The cache is
+    /// kept unless the new configuration sets `flush_on_reload` (or `--flush-on-reload`
+    /// was given): answers cached under the old settings then live out their TTLs.
+    pub fn reload(&self, new: Config) -> Reloaded {
+        let old = &self.config;
+        let mut need_restart = Vec::new();
+        let mut fixed = |changed: bool, key: &'static str| {
+            if changed {
+                need_restart.push(key);
+            }
         };
-        self.allow.iter().any(|n| n.contains(&ip))
+        fixed(new.listen != old.listen, "listen");
+        let cache = crate::config::CacheConfig {
+            flush_on_reload: old.cache.flush_on_reload,
+            ..new.cache.clone()
+        };
+        fixed(cache != old.cache, "cache");
+        fixed(new.limits != old.limits, "limits");
+        fixed(new.metrics != old.metrics, "metrics");
+        fixed(new.query_log != old.query_log, "query_log");
+        let flushed = new.cache.flush_on_reload;
+        self.settings
+            .store(Arc::new(Settings::new(&new, &self.metrics)));
+        if flushed {
+            self.cache.clear();
+        }
+        self.metrics.reloads.inc();
+        Reloaded {
+            need_restart,
+            flushed,
+        }
+    }
+
+    fn note(&self, event: impl FnOnce() -> Event) {
+        if let Some(t) = &self.trace {
+            t.push(event());
+        }
+    }
+
+    /// The one place a reply is counted and logged.
+    fn done(
+        &self,
+        transport: Transport,
+        client: SocketAddr,
+        q: Option<&Query<'_>>,
+        out: &[u8],
+        served: Served,
+        started: Option<std::time::Instant>,
+    ) {
+        let rcode = out.get(3).map_or(0, |b| b & 0x0f);
+        let qtype = q.map_or(0, |q| q.qtype);
+        self.metrics.query(transport, qtype, rcode);
+        match served.source {
+            Source::Cache => self.metrics.cache_hits.inc(),
+            Source::Stale => self.metrics.stale_answers.inc(),
+            _ => 0,
+        };
+        if self.query_log {
+            let latency_us = started.map_or(0, |t| t.elapsed().as_micros() as u64);
+            let name = q.map_or_else(String::new, |q| crate::config::display_name(q.qname()));
+            tracing::info!(
+                target: "flatdns::query",
+                client = %client.ip(),
+                transport = match transport { Transport::Udp => "udp", Transport::Tcp => "tcp" },
+                name = %name,
+                qtype = %domain::base::iana::Rtype::from_int(qtype),
+                rcode = crate::metrics::rcode_name(rcode),
+                flattened = served.flattened,
+                source = served.source.as_str(),
+                latency_us,
+            );
+        }
     }
 
     fn limit(&self, q: &Query<'_>, transport: Transport) -> usize {
@@ -158,16 +317,22 @@ impl Handler {
         transport: Transport,
         out: &mut Vec<u8>,
     ) -> Fast {
+        let started = self.query_log.then(std::time::Instant::now);
         let Some(header) = wire::Header::read(msg).filter(|h| !h.has(wire::FLAG_QR)) else {
+            self.metrics.dropped.inc();
             return Fast::Drop;
         };
-        if !self.allowed(client.ip()) {
+        if !self.settings.load().allowed(client.ip()) {
             debug!(%client, "refused by ACL");
             match Query::parse(msg) {
-                Ok(q) => response::error_for(&q, wire::RCODE_REFUSED, out),
+                Ok(q) => {
+                    response::error_for(&q, wire::RCODE_REFUSED, out);
+                    self.done(transport, client, Some(&q), out, Served::LOCAL, started);
+                }
                 Err(_) => {
                     let opt = wire::find_opt(msg).and_then(|e| response::opt_for(&e, 0));
                     response::error(header.id, header.flags, None, wire::RCODE_REFUSED, opt, out);
+                    self.done(transport, client, None, out, Served::LOCAL, started);
                 }
             }
             return Fast::Reply;
@@ -183,13 +348,18 @@ impl Handler {
             };
             let opt = wire::find_opt(msg).and_then(|e| response::opt_for(&e, 0));
             response::error(header.id, header.flags, None, rcode, opt, out);
+            self.done(transport, client, None, out, Served::LOCAL, started);
             return Fast::Reply;
         }
         let q = match Query::parse(msg) {
             Ok(q) => q,
-            Err(QueryError::Drop) => return Fast::Drop,
+            Err(QueryError::Drop) => {
+                self.metrics.dropped.inc();
+                return Fast::Drop;
+            }
             Err(QueryError::FormErr { question_ok }) => {
                 formerr(msg, question_ok, out);
+                self.done(transport, client, None, out, Served::LOCAL, started);
                 return Fast::Reply;
             }
         };
@@ -197,12 +367,14 @@ impl Handler {
             // RFC 6891 6.1.3: BADVERS, advertising the version we do support (0).
             let opt = response::own_opt(&q, wire::EXT_RCODE_BADVERS);
             response::error(q.id(), q.header.flags, Some(q.question()), 0, opt, out);
+            self.done(transport, client, Some(&q), out, Served::LOCAL, started);
             return Fast::Reply;
         }
         if q.qtype == wire::TYPE_ANY && transport == Transport::Udp {
             // RFC 8482 4.4 allows TC=1 over UDP; a retry over TCP gets the upstream's answer.
             let flags = response::reply_flags(q.header.flags);
             response::truncated(q.id(), flags, q.question(), response::own_opt(&q, 0), out);
+            self.done(transport, client, Some(&q), out, Served::LOCAL, started);
             return Fast::Reply;
         }
         if let Some(key) = Key::for_query(&q) {
@@ -214,6 +386,11 @@ impl Handler {
                 {
                     self.add_cookie(&e.answer, &q, client.ip(), limit, out);
                     debug!(%client, qtype = q.qtype, len = out.len(), "cache hit");
+                    let served = Served {
+                        source: Source::Cache,
+                        flattened: e.kind == Kind::Flattened,
+                    };
+                    self.done(transport, client, Some(&q), out, served, started);
                     return Fast::Reply;
                 }
             }
@@ -237,20 +414,27 @@ impl Handler {
             Fast::Drop => return None,
             Fast::Miss => {}
         }
+        let started = self.query_log.then(std::time::Instant::now);
         let q = Query::parse(&msg).ok()?;
+        self.metrics.cache_misses.inc();
         let Some(_pending) = self.pending.acquire(client.ip()) else {
             debug!(%client, "pending-per-client limit reached");
             response::error_for(&q, wire::RCODE_SERVFAIL, &mut out);
+            self.done(transport, client, Some(&q), &out, Served::LOCAL, started);
             return Some(out);
         };
-        if let Some(stale) = self.stale_candidate(&q) {
-            return Some(
-                self.fresh_or_stale(stale, msg.clone(), &q, client.ip(), transport)
-                    .await,
-            );
-        }
-        self.resolve(&q, client.ip(), transport, &mut out).await;
+        let served = match self.stale_candidate(&q) {
+            Some(stale) => {
+                let (reply, served) = self
+                    .fresh_or_stale(stale, msg.clone(), &q, client.ip(), transport)
+                    .await;
+                out = reply;
+                served
+            }
+            None => self.resolve(&q, client.ip(), transport, &mut out).await,
+        };
         debug!(%client, qtype = q.qtype, rcode = out.get(3).map(|b| b & 0x0f), len = out.len(), "answered");
+        self.done(transport, client, Some(&q), &out, served, started);
         Some(out)
     }
 
@@ -270,7 +454,7 @@ impl Handler {
         q: &Query<'_>,
         client: IpAddr,
         transport: Transport,
-    ) -> Vec<u8> {
+    ) -> (Vec<u8>, Served) {
         let wait = self
             .config
             .cache
@@ -281,27 +465,32 @@ impl Handler {
         let mut refresh = tokio::spawn(async move {
             let q = Query::parse(&msg).ok()?;
             let mut out = Vec::new();
-            h.resolve(&q, ip, transport, &mut out).await;
-            Some(out)
+            let served = h.resolve(&q, ip, transport, &mut out).await;
+            Some((out, served))
         });
-        if let Ok(Ok(Some(out))) = tokio::time::timeout(wait, &mut refresh).await {
+        if let Ok(Ok(Some((out, served)))) = tokio::time::timeout(wait, &mut refresh).await {
             let rcode = wire::Header::read(&out).map(|h| h.rcode());
             if rcode != Some(wire::RCODE_SERVFAIL) && rcode != Some(wire::RCODE_REFUSED) {
-                return out;
+                return (out, served);
             }
         }
         debug!("serving stale");
         let mut out = Vec::new();
         let limit = self.limit(q, transport);
-        if stale
+        let served = if stale
             .answer
             .render_stale(q.id(), q.question(), STALE_TTL, limit, &mut out)
         {
             self.add_cookie(&stale.answer, q, client, limit, &mut out);
+            Served {
+                source: Source::Stale,
+                flattened: stale.kind == Kind::Flattened,
+            }
         } else {
             response::error_for(q, wire::RCODE_SERVFAIL, &mut out);
-        }
-        out
+            Served::LOCAL
+        };
+        (out, served)
     }
 
     /// Our own server cookie for a client that sent one, on a shared answer that was not
@@ -328,38 +517,49 @@ impl Handler {
         client: IpAddr,
         transport: Transport,
         out: &mut Vec<u8>,
-    ) {
+    ) -> Served {
         let deadline = Instant::now() + self.config.limits.client_deadline;
         let limit = self.limit(q, transport);
         let tcp = transport == Transport::Tcp;
+        // One snapshot for the whole query: a reload in between does not mix two configs.
+        let s = self.settings.load_full();
         let Some(key) = Key::for_query(q) else {
             // Not shareable (ECS): forward as is, still within the in-flight limit (R11).
             let Ok(_permit) = self.permits.try_acquire() else {
                 response::error_for(q, wire::RCODE_SERVFAIL, out);
-                return;
+                return Served::LOCAL;
             };
-            match self.upstream.query(q.wire, tcp, deadline).await {
+            let _inflight = GaugeGuard::new(&self.metrics.inflight);
+            match s.upstream.query(q.wire, tcp, deadline).await {
                 Ok(reply) => response::passthrough(&reply, q.id(), q.question(), limit, out),
                 Err(_) => response::error_for(q, wire::RCODE_SERVFAIL, out),
             }
-            return;
+            return Served::upstream(false);
         };
         let got = self
-            .coalesce(key.as_bytes(), deadline, || self.produce(q, tcp, deadline))
+            .coalesce(key.as_bytes(), deadline, || {
+                self.produce(&s, q, tcp, deadline)
+            })
             .await;
         match got {
             Got::Leader(Produced { raw: Some(raw), .. }) => {
                 response::passthrough(&raw, q.id(), q.question(), limit, out);
+                Served::upstream(false)
             }
             Got::Leader(Produced { entry: Some(e), .. }) | Got::Shared(e) => {
                 let age = e.age(Instant::now());
                 if e.answer.render(q.id(), q.question(), age, limit, out) {
                     self.add_cookie(&e.answer, q, client, limit, out);
+                    Served::upstream(e.kind == Kind::Flattened)
                 } else {
                     response::error_for(q, wire::RCODE_SERVFAIL, out);
+                    Served::LOCAL
                 }
             }
-            Got::Leader(_) | Got::Failed => response::error_for(q, wire::RCODE_SERVFAIL, out),
+            Got::Leader(_) | Got::Failed => {
+                response::error_for(q, wire::RCODE_SERVFAIL, out);
+                Served::LOCAL
+            }
         }
     }
 
@@ -376,6 +576,7 @@ impl Handler {
                     debug!("in-flight limit reached");
                     return Got::Failed;
                 };
+                let _inflight = GaugeGuard::new(&self.metrics.inflight);
                 let p = produce().await;
                 if let Some(e) = &p.entry {
                     self.cache.insert(key, e.clone());
@@ -392,15 +593,17 @@ impl Handler {
     }
 
     /// The leader's work: ask the upstream, flatten if the answer qualifies.
-    async fn produce(&self, q: &Query<'_>, tcp: bool, deadline: Instant) -> Produced {
-        if !self.aliases.is_empty() {
-            if let Some(p) = self.config_alias(q, deadline).await {
+    async fn produce(&self, s: &Settings, q: &Query<'_>, tcp: bool, deadline: Instant) -> Produced {
+        if !s.aliases.is_empty() {
+            if let Some(p) = self.config_alias(s, q, deadline).await {
                 return p;
             }
         }
         let now = Instant::now();
-        let reply = match self.upstream.query(q.wire, tcp, deadline).await {
-            Ok(r) => r,
+        let asked = s.upstream.query_from(q.wire, tcp, deadline).await;
+        self.note(|| Event::asked("upstream", q.qname(), q.qtype, &asked, now));
+        let reply = match asked {
+            Ok((r, _)) => r,
             Err(e) => {
                 debug!(error = %e, "upstream failed");
                 return Produced {
@@ -409,7 +612,9 @@ impl Handler {
                 };
             }
         };
-        match self.flatten(q, &reply, deadline).await {
+        let flattened = self.flatten(s, q, &reply, deadline).await;
+        self.note(|| Event::Decision(flattened.as_ref().map(|f| f.1).map_err(|f| f.skip)));
+        match flattened {
             Ok((flat, ttl)) => {
                 if let Some(p) = self.cache.prepare(&flat) {
                     let ttl = p.min_ttl().unwrap_or(ttl);
@@ -427,6 +632,7 @@ impl Handler {
             }
             Err(Fallback { skip, cap }) => {
                 debug!(reason = skip.as_str(), "passed through");
+                self.metrics.fallback(skip);
                 let entry = self.cache.entry_for(&reply, now, cap).map(Arc::new);
                 Produced {
                     entry,
@@ -455,6 +661,7 @@ impl Handler {
     /// TTL. Any failure on the way means the upstream's own answer is given instead (F4).
     async fn flatten(
         &self,
+        s: &Settings,
         q: &Query<'_>,
         reply: &[u8],
         deadline: Instant,
@@ -462,8 +669,19 @@ impl Handler {
         let mut start = Vec::with_capacity(q.qname().len());
         wire::push_lower(&mut start, q.qname());
         let plain = |skip| Fallback { skip, cap: None };
-        flatten::eligible(&self.config.flatten, &start, q.qtype, q.qclass, q.do_bit())
-            .map_err(plain)?;
+        if let Err(skip) = flatten::eligible(&s.flatten, &start, q.qtype, q.qclass, q.do_bit()) {
+            // Out of scope, excluded or DNSSEC only matter (and are counted) where there is
+            // a chain to flatten.
+            let mut probe = Chain::new(&start, s.flatten.max_chain);
+            let chained =
+                flatten::follow(reply, &start, q.qtype, &mut probe) != Step::Fail(Skip::NoChain);
+            let scoped = matches!(skip, Skip::Dnssec | Skip::Excluded | Skip::OutOfScope);
+            return Err(plain(if scoped && !chained {
+                Skip::NoChain
+            } else {
+                skip
+            }));
+        }
         if wire::Header::read(reply).is_some_and(|h| h.has(wire::FLAG_TC)) {
             // A cut answer (the TCP retry failed): never flattened, never cached (R16).
             return Err(plain(Skip::Truncated));
@@ -471,31 +689,55 @@ impl Handler {
         if !flatten::is_noerror(reply) {
             return Err(plain(Skip::NotNoError));
         }
-        let mut chain = Chain::new(&start, self.config.flatten.max_chain);
+        let mut chain = Chain::new(&start, s.flatten.max_chain);
         let mut step = flatten::follow(reply, &start, q.qtype, &mut chain);
         let nodata = wire::Header::read(reply).is_some_and(|h| h.ancount == 0);
-        if step == Step::Fail(Skip::NoChain) && nodata && self.config.alias_from_zone {
+        let mut zone_alias = false;
+        if step == Step::Fail(Skip::NoChain) && nodata && s.alias_from_zone {
             // NODATA: an ALIAS record in the zone may stand there (a static A/AAAA wins, as
             // in PowerDNS, because then the answer is not NODATA).
-            if let Some((target, ttl)) = self.zone_alias(&start, deadline).await {
+            if let Some((target, ttl)) = self.zone_alias(s, &start, deadline).await {
+                self.note(|| Event::Alias {
+                    source: "zone",
+                    name: start.clone(),
+                    target: target.clone(),
+                    ttl: Some(ttl),
+                });
+                zone_alias = true;
                 step = match chain.push_alias(&target, ttl) {
                     Ok(()) => Step::Continue(target),
                     Err(skip) => Step::Fail(skip),
                 };
             }
         }
-        let (rrs, ttl) = self.complete(&mut chain, step, q.qtype, deadline).await?;
+        let completed = self.complete(s, &mut chain, step, q.qtype, deadline).await;
+        self.note(|| Event::Chain(chain.links.clone()));
+        let (rrs, ttl) = completed?;
         let out = flatten::build(reply, q.question(), &rrs, ttl).ok_or(Fallback {
             skip: Skip::Malformed,
             cap: None,
         })?;
+        self.flattened(chain.hops(), zone_alias.then_some(false));
         Ok((out, ttl))
+    }
+
+    /// Counts a flattened answer: its hops, and the alias it came from (`Some(true)`: a
+    /// config alias, `Some(false)`: a zone-stored one).
+    fn flattened(&self, hops: usize, alias: Option<bool>) {
+        self.metrics.flattened.inc();
+        self.metrics.chain_length.observe(hops as f64);
+        match alias {
+            Some(true) => self.metrics.alias_config.inc(),
+            Some(false) => self.metrics.alias_zone.inc(),
+            None => 0,
+        };
     }
 
     /// Follows `step` to the end of the chain, chasing the rest through the resolver. The
     /// final records and the answer TTL, or why not (with how long the fallback may live).
     async fn complete(
         &self,
+        s: &Settings,
         chain: &mut Chain,
         mut step: Step,
         qtype: u16,
@@ -512,8 +754,7 @@ impl Handler {
                 }
                 Step::Fail(skip) => return Err(Fallback { skip, cap }),
                 Step::Continue(target) => {
-                    let chased =
-                        self.lookup(keyflag::CHASE, &target, qtype, &self.resolver, deadline);
+                    let chased = self.lookup(keyflag::CHASE, &target, qtype, &s.resolver, deadline);
                     let Some((answer, remaining)) = chased.await else {
                         let cap = Some(self.config.cache.failure_ttl);
                         return Err(Fallback {
@@ -550,15 +791,14 @@ impl Handler {
 
     /// The ALIAS (TYPE65401) record at `name` in the upstream's zone, if any: one extra
     /// upstream query, cached and coalesced like any other.
-    async fn zone_alias(&self, name: &[u8], deadline: Instant) -> Option<(Vec<u8>, u32)> {
+    async fn zone_alias(
+        &self,
+        s: &Settings,
+        name: &[u8],
+        deadline: Instant,
+    ) -> Option<(Vec<u8>, u32)> {
         let (answer, _) = self
-            .lookup(
-                keyflag::ZONE_ALIAS,
-                name,
-                TYPE_ALIAS,
-                &self.upstream,
-                deadline,
-            )
+            .lookup(keyflag::ZONE_ALIAS, name, TYPE_ALIAS, &s.upstream, deadline)
             .await?;
         flatten::alias_target(&answer, name)
     }
@@ -566,12 +806,13 @@ impl Handler {
     /// At start-up: says so when a config-defined alias's name also holds A or AAAA records
     /// in the upstream's zone (the alias answers, as configured, so those records are unseen).
     pub async fn check_aliases(&self) {
-        for alias in self.aliases.values() {
+        let s = self.settings.load_full();
+        for alias in s.aliases.values() {
             for qtype in [wire::TYPE_A, wire::TYPE_AAAA] {
                 let query =
                     flatten::chase_query(&alias.name, qtype, self.config.limits.udp_size as u16);
                 let deadline = Instant::now() + self.config.limits.client_deadline;
-                let Ok(reply) = self.upstream.query(&query, false, deadline).await else {
+                let Ok(reply) = s.upstream.query(&query, false, deadline).await else {
                     continue;
                 };
                 let answered = wire::Header::read(&reply)
@@ -590,22 +831,41 @@ impl Handler {
     /// A, AAAA for a config-defined alias: the target's addresses through the resolver, TTL
     /// the smaller of the alias's and the chain's. `None` when there is no such alias or its
     /// target does not resolve: then the upstream is asked as usual (F4).
-    async fn config_alias(&self, q: &Query<'_>, deadline: Instant) -> Option<Produced> {
+    async fn config_alias(
+        &self,
+        s: &Settings,
+        q: &Query<'_>,
+        deadline: Instant,
+    ) -> Option<Produced> {
         if !matches!(q.qtype, wire::TYPE_A | wire::TYPE_AAAA) || q.qclass != wire::CLASS_IN {
             return None;
         }
         let mut name = Vec::with_capacity(q.qname().len());
         wire::push_lower(&mut name, q.qname());
-        let alias = self.aliases.get(&name)?;
-        let mut chain = Chain::new(&name, self.config.flatten.max_chain);
+        let alias = s.aliases.get(&name)?;
+        self.note(|| Event::Alias {
+            source: "config",
+            name: name.clone(),
+            target: alias.target.clone(),
+            ttl: alias.ttl,
+        });
+        let mut chain = Chain::new(&name, s.flatten.max_chain);
         chain
             .push_alias(&alias.target, alias.ttl.unwrap_or(i32::MAX as u32))
             .ok()?;
         let step = Step::Continue(alias.target.clone());
-        let (rrs, ttl) = self
-            .complete(&mut chain, step, q.qtype, deadline)
-            .await
-            .ok()?;
+        let completed = self.complete(s, &mut chain, step, q.qtype, deadline).await;
+        self.note(|| Event::Chain(chain.links.clone()));
+        self.note(|| Event::Decision(completed.as_ref().map(|c| c.1).map_err(|f| f.skip)));
+        let (rrs, ttl) = match completed {
+            Ok(c) => c,
+            Err(f) => {
+                // The upstream is asked instead; count why the alias did not answer.
+                self.metrics.fallback(f.skip);
+                return None;
+            }
+        };
+        self.flattened(chain.hops(), Some(true));
         let flags = response::reply_flags(q.header.flags) | wire::FLAG_AA;
         let opt = response::own_opt(q, 0).map(response::opt_record);
         let out = flatten::write(flags, q.question(), &rrs, ttl, opt.as_ref().map(|o| &o[..]))?;
@@ -642,7 +902,18 @@ impl Handler {
                 let produce = || async {
                     let query =
                         flatten::chase_query(name, qtype, self.config.limits.udp_size as u16);
-                    let entry = match via.query(&query, false, deadline).await {
+                    if kind == keyflag::CHASE {
+                        self.metrics.chase_queries.inc();
+                    }
+                    let began = Instant::now();
+                    let asked = via.query_from(&query, false, deadline).await;
+                    let role = if kind == keyflag::CHASE {
+                        "resolver"
+                    } else {
+                        "upstream"
+                    };
+                    self.note(|| Event::asked(role, name, qtype, &asked, began));
+                    let entry = match asked.map(|(r, _)| r) {
                         Ok(reply) => self
                             .cache
                             .entry_for(&reply, Instant::now(), None)
@@ -671,6 +942,23 @@ impl Handler {
             .answer
             .render(0, &question, age, usize::MAX, &mut out)
             .then_some((out, remaining))
+    }
+}
+
+/// Holds one unit of a gauge (queries in flight) and gives it back on drop, so a cancelled
+/// task cannot leave the gauge high.
+struct GaugeGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn new(g: &'a prometheus_client::metrics::gauge::Gauge) -> GaugeGuard<'a> {
+        g.inc();
+        GaugeGuard(g)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

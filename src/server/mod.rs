@@ -111,6 +111,7 @@ fn bind_all(
 /// A started server.
 pub struct Running {
     addrs: Vec<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     handler: Arc<Handler>,
     trigger: Trigger,
     tracker: TaskTracker,
@@ -147,6 +148,10 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
             source,
         });
     }
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(bind_tcp(addr).map_err(|e| bind_error(addr, "tcp, metrics", e))?),
+        None => None,
+    };
     let rt = tokio::runtime::Handle::current();
     let handler = Arc::new(Handler::new(config));
     if !handler.config().aliases.is_empty() {
@@ -155,6 +160,16 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     }
     let (trigger, shutdown) = shutdown::channel();
     let tracker = TaskTracker::new();
+    let mut metrics_addr = None;
+    if let Some(listener) = metrics_listener {
+        metrics_addr = listener.local_addr().ok();
+        // Not tracked: shutdown waits for queries, not for a scrape.
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            handler.metrics().clone(),
+            shutdown.clone(),
+        ));
+    }
     let mut addrs = Vec::new();
     for (udp, tcp) in bound {
         if let Ok(a) = tcp.local_addr() {
@@ -174,6 +189,7 @@ pub async fn start(config: Config) -> Result<Running, ServerError> {
     }
     Ok(Running {
         addrs,
+        metrics_addr,
         handler,
         trigger,
         tracker,
@@ -184,6 +200,11 @@ impl Running {
     /// The bound addresses (UDP and TCP share each one).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn handler(&self) -> &Arc<Handler> {

@@ -67,8 +67,11 @@ pub async fn serve(
             shutdown: shutdown.clone(),
             peer,
         };
+        let open = handler.metrics().tcp_connections.clone();
+        open.inc();
         tracker.spawn(async move {
             ctx.run(stream).await;
+            open.dec();
             drop((permit, slot));
         });
     }

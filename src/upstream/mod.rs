@@ -23,6 +23,7 @@ use tokio::net::UdpSocket;
 use tokio::time::{timeout_at, Instant};
 use tracing::debug;
 
+use crate::metrics::{Metrics, ServerStats};
 use crate::wire::{self, Header, HEADER_LEN};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,7 @@ impl UpstreamError {
 pub struct Upstream {
     servers: Vec<SocketAddr>,
     pools: Arc<[pool::Pool]>,
+    stats: Arc<[ServerStats]>,
     timeout: Duration,
     attempts: usize,
 }
@@ -73,24 +75,49 @@ impl Upstream {
                 .iter()
                 .map(|&s| pool::Pool::new(s, tcp_idle))
                 .collect(),
+            stats: servers.iter().map(|_| ServerStats::default()).collect(),
             servers,
             timeout,
             attempts: attempts.max(1),
         }
     }
 
+    /// Counts every attempt in `metrics`, per server, under `role` ("upstream", "resolver").
+    pub fn with_metrics(mut self, metrics: &Metrics, role: &'static str) -> Upstream {
+        self.stats = self
+            .servers
+            .iter()
+            .map(|&s| metrics.server(role, s))
+            .collect();
+        self
+    }
+
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.servers
+    }
+
     /// Sends `query` (any ID; a fresh one is set per attempt) and returns the first matching
     /// reply, with the upstream's ID still in it.
-    ///
-    /// Attempt k goes to server k (wrapping), each bounded by the per-attempt timeout and by
-    /// `deadline`. A timeout, network error or SERVFAIL/REFUSED moves on to the next attempt;
-    /// when every attempt failed, the last SERVFAIL/REFUSED reply is returned if there was one.
     pub async fn query(
         &self,
         query: &[u8],
         tcp: bool,
         deadline: Instant,
     ) -> Result<Bytes, UpstreamError> {
+        self.query_from(query, tcp, deadline).await.map(|(r, _)| r)
+    }
+
+    /// [`Upstream::query`], also saying which server the reply came from.
+    ///
+    /// Attempt k goes to server k (wrapping), each bounded by the per-attempt timeout and by
+    /// `deadline`. A timeout, network error or SERVFAIL/REFUSED moves on to the next attempt;
+    /// when every attempt failed, the last SERVFAIL/REFUSED reply is returned if there was one.
+    pub async fn query_from(
+        &self,
+        query: &[u8],
+        tcp: bool,
+        deadline: Instant,
+    ) -> Result<(Bytes, SocketAddr), UpstreamError> {
         let mut last_err = UpstreamError::Timeout;
         let mut fallback = None;
         if self.servers.is_empty() {
@@ -104,6 +131,8 @@ impl Upstream {
             let index = attempt % self.servers.len();
             let server = self.servers[index];
             let until = (now + self.timeout).min(deadline);
+            let stats = &self.stats[index];
+            stats.queries.inc();
             let result =
                 match timeout_at(until, exchange(server, &self.pools[index], query, tcp)).await {
                     Ok(r) => r,
@@ -111,16 +140,24 @@ impl Upstream {
                 };
             match result {
                 Ok(reply) => {
+                    stats.answered(now.elapsed());
                     let rcode = reply[3] & 0x0f;
                     let failed = rcode == wire::RCODE_SERVFAIL || rcode == wire::RCODE_REFUSED;
+                    if failed {
+                        stats.errors.inc();
+                    }
                     if failed && attempt + 1 < self.attempts && self.servers.len() > 1 {
                         debug!(%server, rcode, "upstream failure reply, trying the next");
-                        fallback = Some(reply);
+                        fallback = Some((reply, server));
                         continue;
                     }
-                    return Ok(reply);
+                    return Ok((reply, server));
                 }
                 Err(e) => {
+                    match e {
+                        UpstreamError::Timeout => stats.timeouts.inc(),
+                        UpstreamError::Io(_) => stats.errors.inc(),
+                    };
                     debug!(%server, error = %e, "upstream attempt failed");
                     last_err = e;
                 }

@@ -75,6 +75,24 @@ fn check_config_accepts_the_shipped_file() {
 struct Running {
     child: std::process::Child,
     addr: std::net::SocketAddr,
+    /// Its stderr, line by line.
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Running {
+    /// Waits (at most 10 s) for a stderr line containing `text`; returns it.
+    fn wait_for(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no log line with {text:?}"));
+            if line.contains(text) {
+                return line;
+            }
+        }
+    }
 }
 
 impl Drop for Running {
@@ -87,31 +105,36 @@ impl Drop for Running {
 /// Starts `cmd` (the binary, or a wrapper that execs it) listening on 127.0.0.1:0 and
 /// forwarding to `upstream`; waits for its start-up line and reads the bound address there.
 fn start(mut cmd: Command, upstream: std::net::SocketAddr) -> Running {
-    let mut child = cmd
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &upstream.to_string(),
-        ])
-        .args(["--log-level", "info"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream.to_string(),
+    ])
+    .args(["--log-level", "info"]);
+    spawn(cmd)
+}
+
+/// Starts `cmd` as it is (its flags or config file say where to listen, on port 0) and
+/// reads the bound address from the start-up line.
+fn spawn(mut cmd: Command) -> Running {
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
-    let mut running = Running {
-        child,
-        addr: ([0, 0, 0, 0], 0).into(),
-    };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
+    let mut running = Running {
+        child,
+        addr: ([0, 0, 0, 0], 0).into(),
+        lines: rx,
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     running.addr = loop {
-        let line = rx
+        let line = running
+            .lines
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("startup line");
         if let Some(rest) = line.split("listen=").nth(1) {
@@ -322,4 +345,182 @@ fn kubernetes_configmap_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("169.254.20.10:53"));
+}
+
+fn signal(child: &Running, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Issue 6: SIGHUP reloads the config file. A good one swaps the upstream, the log level and
+/// the ACL and keeps the cache (unless flush_on_reload); a bad one is rejected with a log
+/// line naming the problem and the running configuration stays.
+#[tokio::test]
+async fn sighup_reloads_the_config_file_and_rejects_a_bad_one() {
+    let one = Mock::start("www.example. 300 IN A 192.0.2.1\nnew.example. 300 IN A 192.0.2.1").await;
+    let two = Mock::start(
+        "www.example. 300 IN A 192.0.2.2\nnew.example. 300 IN A 192.0.2.2\nlater.example. 300 IN A 192.0.2.2",
+    )
+    .await;
+    let conf = |up: std::net::SocketAddr, extra: &str| {
+        format!("listen = [\"127.0.0.1:0\"]\nupstream = [\"{up}\"]\nlog_level = \"info\"\n{extra}")
+    };
+    let f = write_config(&conf(one.addr, ""));
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(f.path());
+    let child = spawn(cmd);
+    let addr = child.addr;
+    let www = || Q::new("www.example.", A).wire();
+    assert_eq!(
+        udp_query(addr, &www()).await.answer_no_ttl(),
+        vec!["www.example. A 192.0.2.1"]
+    );
+
+    // A good config: new upstream; the cache is kept.
+    std::fs::write(f.path(), conf(two.addr, "")).unwrap();
+    signal(&child, "-HUP");
+    child.wait_for("configuration reloaded");
+    assert_eq!(
+        udp_query(addr, &www()).await.answer_no_ttl(),
+        vec!["www.example. A 192.0.2.1"]
+    );
+    let r = udp_query(addr, &Q::new("new.example.", A).wire()).await;
+    assert_eq!(r.answer_no_ttl(), vec!["new.example. A 192.0.2.2"]);
+    assert_eq!(one.count("new.example.", A), 0);
+
+    // A bad config: rejected, named, and the running one stays.
+    std::fs::write(f.path(), conf(one.addr, "[cache]\nmax_ttl = \"forever\"\n")).unwrap();
+    signal(&child, "-HUP");
+    let line = child.wait_for("reload rejected");
+    assert!(
+        line.contains("cache.max_ttl") && line.contains("forever"),
+        "{line}"
+    );
+    let r = udp_query(addr, &Q::new("later.example.", A).wire()).await;
+    assert_eq!(r.answer_no_ttl(), vec!["later.example. A 192.0.2.2"]);
+    assert_eq!(one.count("later.example.", A), 0);
+
+    // Flush on reload and a new log level: the cache is emptied, debug lines appear.
+    std::fs::write(
+        f.path(),
+        conf(
+            two.addr,
+            "log_level = \"debug\"\n[cache]\nflush_on_reload = true\n",
+        )
+        .replace("log_level = \"info\"\n", ""),
+    )
+    .unwrap();
+    signal(&child, "-HUP");
+    child.wait_for("configuration reloaded");
+    assert_eq!(
+        udp_query(addr, &www()).await.answer_no_ttl(),
+        vec!["www.example. A 192.0.2.2"]
+    );
+    child.wait_for("DEBUG");
+
+    // An ACL that leaves loopback out: REFUSED from now on.
+    std::fs::write(f.path(), conf(two.addr, "allow = [\"192.0.2.0/24\"]\n")).unwrap();
+    signal(&child, "-HUP");
+    child.wait_for("configuration reloaded");
+    assert_eq!(udp_query(addr, &www()).await.rcode(), 5);
+}
+
+/// Issue 6: `--query-log json` writes one JSON object per answered query on stdout.
+#[tokio::test]
+async fn query_log_writes_json_lines() {
+    let mock =
+        Mock::start("www.example. 300 IN CNAME a.example.\na.example. 60 IN A 192.0.2.1").await;
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--query-log", "json"]).stdout(Stdio::piped());
+    let mut child = start(cmd, mock.addr);
+    let stdout = child.child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let q = Q::new("WWW.example.", A).wire();
+    assert_eq!(udp_query(child.addr, &q).await.answer.len(), 1);
+    assert_eq!(udp_query(child.addr, &q).await.answer.len(), 1);
+    assert_eq!(
+        tcp_query(child.addr, &Q::new("nx.example.", AAAA).wire())
+            .await
+            .rcode(),
+        3
+    );
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a query log line");
+        lines.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+    }
+    let field = |i: usize, k: &str| lines[i][k].clone();
+    assert_eq!(field(0, "name"), "WWW.example.");
+    assert_eq!(field(0, "qtype"), "A");
+    assert_eq!(field(0, "rcode"), "NOERROR");
+    assert_eq!(field(0, "client"), "127.0.0.1");
+    assert_eq!(field(0, "transport"), "udp");
+    assert_eq!(field(0, "flattened"), true);
+    assert_eq!(field(0, "source"), "upstream");
+    assert!(field(0, "latency_us").as_u64().is_some());
+    assert_eq!(field(1, "source"), "cache");
+    assert_eq!(field(1, "flattened"), true);
+    assert_eq!(field(2, "transport"), "tcp");
+    assert_eq!(field(2, "qtype"), "AAAA");
+    assert_eq!(field(2, "rcode"), "NXDOMAIN");
+    assert_eq!(field(2, "flattened"), false);
+}
+
+/// `flatdns explain` on the command line: the report on stdout, exit 0; bad input exit 2.
+#[tokio::test]
+async fn explain_subcommand_prints_the_report() {
+    let mock =
+        Mock::start("www.example. 300 IN CNAME a.example.\na.example. 60 IN A 192.0.2.1").await;
+    let up = mock.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args([
+                "explain",
+                "www.example",
+                "A",
+                "--upstream",
+                &up,
+                "--timeout",
+                "1s",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1. www.example. -> a.example.  CNAME, TTL 300"),
+        "{text}"
+    );
+    assert!(text.contains("www.example. 60 IN A 192.0.2.1"), "{text}");
+
+    for bad in [
+        ["explain", "www..example", "A"],
+        ["explain", "www.example", "NOPE"],
+    ] {
+        let out = Command::new(BIN)
+            .args(bad)
+            .args(["--upstream", "192.0.2.1"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("explain"));
+    }
 }

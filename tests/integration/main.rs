@@ -7,4 +7,5 @@ mod caching;
 mod flattening;
 mod forwarding;
 mod harness;
+mod operations;
 mod tcp_limits;
