@@ -27,7 +27,7 @@ pub struct Cli {
     #[arg(long, value_name = "LEVEL", help_heading = "General")]
     pub log_level: Option<String>,
 
-    /// Address to serve on, UDP and TCP (repeatable). Default 127.0.0.1:53 and [::1]:53.
+    /// Address to serve on, UDP and TCP (repeatable). Default 127.0.0.1:53 and `[::1]:53`.
     #[arg(long, value_name = "IP:PORT", help_heading = "Serving")]
     pub listen: Vec<String>,
 

@@ -19,7 +19,7 @@
 //! spawn a task only for a miss. Any per-query failure ends here as an rcode; nothing a client
 //! or an upstream sends can stop a listener.
 //!
-//! Every query that gets a reply is counted once, where its reply is final ([`Handler::done`]):
+//! Every query that gets a reply is counted once, where its reply is final (`Handler::done`):
 //! the query metrics and the query log. What a SIGHUP may change (upstreams, resolver, ACL,
 //! flatten scope, aliases) sits in one [`Settings`] value swapped atomically
 //! ([`Handler::reload`]); a query in flight finishes with the settings it started with.

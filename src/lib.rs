@@ -18,7 +18,9 @@
 //!     ├── cache.rs                       moka, keys, TTL policy
 //!     ├── inflight.rs                    one upstream query per key
 //!     ├── flatten.rs                     pure: message in, decision and message out
-//!     └── upstream.rs                    the only code talking to nameservers
+//!     ├── upstream/                      the only code talking to nameservers
+//!     └── metrics.rs                     counters; /metrics (--metrics)
+//!  explain.rs                            `flatdns explain`: the handler with a trace
 //! ```
 //!
 //! # The path of one query
@@ -26,7 +28,9 @@
 //! socket -> [`wire::Query::parse`] -> ACL -> [`cache::Cache::get`] (hit: patch ID, question
 //! case, TTLs; send) -> miss: [`inflight::Inflight::join`] -> [`upstream::Upstream::query`]
 //! -> [`flatten::follow`] (maybe chase through the resolver) -> cache insert -> reply.
-//! [`handler::Handler`] shows it top to bottom.
+//! [`handler::Handler`] shows it top to bottom; it counts and logs each reply in one place
+//! (`Handler::done`), and swaps what SIGHUP may change as one value
+//! ([`handler::Handler::reload`]).
 
 pub mod cache;
 pub mod cli;

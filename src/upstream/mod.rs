@@ -9,7 +9,7 @@
 //! goes on until the attempt's deadline (R3).
 //!
 //! TCP queries (from TCP clients, and retries of truncated UDP replies) go over one reused,
-//! pipelined connection per server ([`pool`]).
+//! pipelined connection per server (`pool`).
 
 mod pool;
 
