@@ -24,12 +24,14 @@ use crate::wire;
 /// One thing the pipeline did.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// An exchange with a nameserver (`role`: "upstream" or "resolver").
+    /// An exchange with a nameserver (`role`: "upstream" or "resolver"). `server` is the one
+    /// that answered; after a failure, `tried` lists the servers that were asked.
     Asked {
         role: &'static str,
         name: Vec<u8>,
         qtype: u16,
         server: Option<SocketAddr>,
+        tried: Vec<SocketAddr>,
         reply: Result<Bytes, String>,
         elapsed: Duration,
     },
@@ -49,6 +51,7 @@ pub enum Event {
 impl Event {
     pub fn asked(
         role: &'static str,
+        via: &crate::upstream::Upstream,
         name: &[u8],
         qtype: u16,
         result: &Result<(Bytes, SocketAddr), UpstreamError>,
@@ -63,6 +66,7 @@ impl Event {
             name: name.to_vec(),
             qtype,
             server,
+            tried: via.servers().to_vec(),
             reply,
             elapsed: began.elapsed(),
         }
@@ -129,10 +133,8 @@ pub async fn explain(mut config: Config, name: &[u8], qtype: u16) -> String {
     )
 }
 
+/// The type's mnemonic as the records print it (the ALIAS type is TYPE65401 there too).
 fn type_name(t: u16) -> String {
-    if t == crate::config::TYPE_ALIAS {
-        return "ALIAS".into();
-    }
     domain::base::iana::Rtype::from_int(t).to_string()
 }
 
@@ -208,10 +210,17 @@ pub fn report(
                 name,
                 qtype,
                 server,
+                tried,
                 reply,
                 elapsed,
             } => {
-                let server = server.map_or_else(|| "no server".into(), |a| a.to_string());
+                let server = server.map_or_else(
+                    || {
+                        let all: Vec<String> = tried.iter().map(|a| a.to_string()).collect();
+                        format!("({})", all.join(", "))
+                    },
+                    |a| a.to_string(),
+                );
                 let q = format!("{} {}", display_name(name), type_name(*qtype));
                 match reply {
                     Ok(r) => {
@@ -227,7 +236,11 @@ pub fn report(
                         }
                     }
                     Err(err) => {
-                        let _ = writeln!(s, "  {role} asked {q}: failed ({err}), {}", ms(*elapsed));
+                        let _ = writeln!(
+                            s,
+                            "  {role} {server} asked {q}: failed ({err}), {}",
+                            ms(*elapsed)
+                        );
                     }
                 }
             }
@@ -262,35 +275,53 @@ pub fn report(
         let _ = writeln!(s, "  (none)");
     }
     for (i, l) in chain.iter().enumerate() {
-        let kind = match aliases.iter().find(|(n, _)| wire::name_eq(n, &l.owner)) {
-            Some((_, source)) => format!("ALIAS ({source})"),
-            None => "CNAME".into(),
+        let alias = aliases.iter().find(|(n, _)| wire::name_eq(n, &l.owner));
+        // The TTL and server as the exchange showed them: the chain itself works on cached
+        // copies whose TTLs may be cut to the message's smallest (same minimum, same answer).
+        let (kind, found) = match alias {
+            Some((_, "config")) => ("ALIAS (config)".to_string(), None),
+            Some((_, source)) => (
+                format!("ALIAS ({source})"),
+                record_at(events, &l.owner, "TYPE65401"),
+            ),
+            None => ("CNAME".to_string(), record_at(events, &l.owner, "CNAME")),
         };
-        let from = where_from(events, &l.owner, "CNAME")
-            .map_or_else(String::new, |(role, server)| {
-                format!(", from {role} {server}")
-            });
+        let ttl = match (&found, alias) {
+            (Some(r), _) => format!("TTL {}", r.ttl),
+            (None, Some((_, "config"))) if l.ttl >= i32::MAX as u32 => "no TTL of its own".into(),
+            (None, _) => format!("TTL {}", l.ttl),
+        };
+        let from = found.map_or_else(String::new, |r| format!(", from {} {}", r.role, r.server));
         let _ = writeln!(
             s,
-            "  {}. {} -> {}  {kind}, TTL {}{from}",
+            "  {}. {} -> {}  {kind}, {ttl}{from}",
             i + 1,
             display_name(&l.owner),
             display_name(&l.target),
-            if l.ttl >= i32::MAX as u32 {
-                "-".to_string()
-            } else {
-                l.ttl.to_string()
-            },
         );
+    }
+    if decision == Some(Err(Skip::Loop)) {
+        // The link that closes the loop is never added to the chain: show it from the reply.
+        let last = chain.last().map_or(name, |l| &l.target[..]);
+        if let Some(r) = record_at(events, last, "CNAME") {
+            let _ = writeln!(
+                s,
+                "  loop: {} -> {}  CNAME, TTL {}, from {} {}: already on the chain",
+                display_name(last),
+                r.rdata,
+                r.ttl,
+                r.role,
+                r.server
+            );
+        }
     }
 
     if decision.is_some_and(|d| d.is_ok()) {
         let end = chain.last().map_or(name, |l| &l.target[..]);
         let ty = type_name(qtype);
-        let ttl = min_ttl_of(events, end, &ty);
-        let from = where_from(events, end, &ty).map_or_else(String::new, |(role, server)| {
-            format!(", from {role} {server}")
-        });
+        let ttl = records_at(events, end, &ty).map(|r| r.ttl).min();
+        let from = record_at(events, end, &ty)
+            .map_or_else(String::new, |r| format!(", from {} {}", r.role, r.server));
         let ttl = ttl.map_or_else(String::new, |t| format!(", TTL {t}"));
         let _ = writeln!(s, "  end: {} {ty}{ttl}{from}", display_name(end));
     }
@@ -344,13 +375,21 @@ pub fn report(
     s
 }
 
-/// The records of type `ty` at `owner` in each reply: (role, server, TTL) per record. The
+/// A record as an exchange showed it.
+struct Seen {
+    role: &'static str,
+    server: SocketAddr,
+    ttl: u32,
+    rdata: String,
+}
+
+/// The records of type `ty` at `owner` in each reply, in the order they were seen. The
 /// zone-file text is `owner TTL class type rdata`.
 fn records_at<'a>(
     events: &'a [Event],
     owner: &'a [u8],
     ty: &'a str,
-) -> impl Iterator<Item = (&'static str, SocketAddr, u32)> + 'a {
+) -> impl Iterator<Item = Seen> + 'a {
     let owner_text = display_name(owner).to_ascii_lowercase();
     events.iter().flat_map(move |e| {
         let mut found = Vec::new();
@@ -363,8 +402,13 @@ fn records_at<'a>(
         {
             for rec in answer_records(r).1 {
                 let f: Vec<&str> = rec.split_whitespace().collect();
-                if f.len() >= 4 && f[0].to_ascii_lowercase() == owner_text && f[3] == ty {
-                    found.push((*role, *server, f[1].parse().unwrap_or(0)));
+                if f.len() >= 5 && f[0].to_ascii_lowercase() == owner_text && f[3] == ty {
+                    found.push(Seen {
+                        role,
+                        server: *server,
+                        ttl: f[1].parse().unwrap_or(0),
+                        rdata: f[4..].join(" "),
+                    });
                 }
             }
         }
@@ -372,13 +416,7 @@ fn records_at<'a>(
     })
 }
 
-/// Which server's reply held the `ty` records at `owner` (the first that did).
-fn where_from(events: &[Event], owner: &[u8], ty: &str) -> Option<(&'static str, SocketAddr)> {
-    records_at(events, owner, ty)
-        .next()
-        .map(|(role, server, _)| (role, server))
-}
-
-fn min_ttl_of(events: &[Event], owner: &[u8], ty: &str) -> Option<u32> {
-    records_at(events, owner, ty).map(|(_, _, t)| t).min()
+/// The first `ty` record at `owner` that an exchange showed.
+fn record_at(events: &[Event], owner: &[u8], ty: &str) -> Option<Seen> {
+    records_at(events, owner, ty).next()
 }

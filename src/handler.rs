@@ -601,7 +601,7 @@ impl Handler {
         }
         let now = Instant::now();
         let asked = s.upstream.query_from(q.wire, tcp, deadline).await;
-        self.note(|| Event::asked("upstream", q.qname(), q.qtype, &asked, now));
+        self.note(|| Event::asked("upstream", &s.upstream, q.qname(), q.qtype, &asked, now));
         let reply = match asked {
             Ok((r, _)) => r,
             Err(e) => {
@@ -912,7 +912,7 @@ impl Handler {
                     } else {
                         "upstream"
                     };
-                    self.note(|| Event::asked(role, name, qtype, &asked, began));
+                    self.note(|| Event::asked(role, via, name, qtype, &asked, began));
                     let entry = match asked.map(|(r, _)| r) {
                         Ok(reply) => self
                             .cache

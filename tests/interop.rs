@@ -1521,3 +1521,1003 @@ fn alias_at_the_apex_config_and_zone_stored() {
         }
     }
 }
+
+// ==========================================================================================
+// Issues 6 and 7: `flatdns explain` against the same servers
+
+/// What one `flatdns explain` run printed, and how it exited.
+struct Explained {
+    code: Option<i32>,
+    out: String,
+    err: String,
+}
+
+/// One exchange with a nameserver as the report shows it, with the answer records under it.
+#[derive(Debug)]
+struct Exchange {
+    role: String,
+    /// `None` when the exchange failed (the report then names no server).
+    server: Option<String>,
+    /// "name. TYPE"
+    question: String,
+    /// "NOERROR", "SERVFAIL" ... or "failed (...)".
+    outcome: String,
+    records: Vec<String>,
+}
+
+/// Runs `flatdns explain ARGS` (bounded).
+fn explain_raw(args: &[&str]) -> Explained {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flatdns"));
+    cmd.arg("explain")
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG");
+    let out = tools::run_bounded(cmd, Duration::from_secs(30));
+    Explained {
+        code: out.status.code(),
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+        err: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `flatdns explain NAME TYPE` with `upstream` and `resolver` (1 s per attempt) and `extra`
+/// flags; asserts that the lookup ran (exit 0, nothing on stderr) and that the report opens
+/// with the question as a stub asks it.
+fn explain(
+    name: &str,
+    qtype: &str,
+    upstream: SocketAddr,
+    resolver: SocketAddr,
+    extra: &[&str],
+) -> Explained {
+    let (up, res) = (upstream.to_string(), resolver.to_string());
+    let mut args = vec![
+        name,
+        qtype,
+        "--upstream",
+        &up,
+        "--resolver",
+        &res,
+        "--timeout",
+        "1s",
+    ];
+    args.extend_from_slice(extra);
+    let e = explain_raw(&args);
+    assert_eq!(
+        (e.code, e.err.as_str()),
+        (Some(0), ""),
+        "explain {args:?}:\n{}",
+        e.out
+    );
+    let first = e.out.lines().next().unwrap_or("");
+    assert_eq!(
+        first,
+        format!("query: {name}. {qtype} (as a stub resolver asks: RD=1, EDNS 1232, DO=0, UDP)"),
+        "{}",
+        e.out
+    );
+    e
+}
+
+/// Collapses runs of whitespace, so lines compare by content, not by alignment.
+fn squash(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl Explained {
+    /// The heading line of the section whose heading starts with `heading`, and its lines.
+    fn section(&self, heading: &str) -> (&str, Vec<&str>) {
+        let block = self
+            .out
+            .split("\n\n")
+            .find(|b| b.starts_with(heading))
+            .unwrap_or_else(|| panic!("no section {heading:?} in:\n{}", self.out));
+        let mut lines = block.lines().filter(|l| !l.trim().is_empty());
+        let head = lines.next().unwrap_or("");
+        (head, lines.collect())
+    }
+
+    /// The exchanges with nameservers, in order. The count on each exchange line must be the
+    /// number of records listed under it.
+    fn exchanges(&self) -> Vec<Exchange> {
+        let mut out: Vec<(Exchange, Option<usize>)> = Vec::new();
+        for line in self.section("exchanges:").1 {
+            if line.starts_with("      ") {
+                let (last, _) = out
+                    .last_mut()
+                    .unwrap_or_else(|| panic!("a record before any exchange:\n{}", self.out));
+                last.records.push(squash(line));
+                continue;
+            }
+            let line = line.trim();
+            let Some((role, rest)) = line.split_once(' ') else {
+                continue;
+            };
+            if !matches!(role, "upstream" | "resolver") {
+                continue;
+            }
+            let bad = format!("exchange line {line:?} in:\n{}", self.out);
+            // "{role} {server} asked {q}: {RCODE}, {N} answer record(s), {X} ms", or
+            // "{role} asked {q}: failed ({why}), {X} ms".
+            let (server, rest) = match rest.strip_prefix("asked ") {
+                Some(rest) => (None, rest),
+                None => {
+                    let (server, rest) = rest.split_once(" asked ").expect(&bad);
+                    (Some(server.to_string()), rest)
+                }
+            };
+            let (question, rest) = rest.split_once(": ").expect(&bad);
+            let (rest, took) = rest.rsplit_once(", ").expect(&bad);
+            assert!(
+                took.strip_suffix(" ms")
+                    .is_some_and(|t| t.parse::<f64>().is_ok()),
+                "{bad}"
+            );
+            let (outcome, count) = if rest.starts_with("failed (") {
+                (rest, None)
+            } else {
+                let (rcode, n) = rest.split_once(", ").expect(&bad);
+                let n = n
+                    .strip_suffix(" answer record(s)")
+                    .and_then(|n| n.parse().ok())
+                    .expect(&bad);
+                (rcode, Some(n))
+            };
+            out.push((
+                Exchange {
+                    role: role.to_string(),
+                    server,
+                    question: question.to_string(),
+                    outcome: outcome.to_string(),
+                    records: Vec::new(),
+                },
+                count,
+            ));
+        }
+        out.into_iter()
+            .map(|(e, count)| {
+                assert_eq!(
+                    count.unwrap_or(0),
+                    e.records.len(),
+                    "{e:?}: record count:\n{}",
+                    self.out
+                );
+                e
+            })
+            .collect()
+    }
+
+    /// The ALIAS lines of the exchanges section.
+    fn aliases(&self) -> Vec<String> {
+        self.section("exchanges:")
+            .1
+            .iter()
+            .map(|l| squash(l))
+            .filter(|l| l.starts_with("ALIAS "))
+            .collect()
+    }
+
+    /// The chain's hop lines; the heading's hop count must be their number.
+    fn chain(&self) -> Vec<String> {
+        let (head, lines) = self.section("chain (");
+        let hops: Vec<String> = lines
+            .iter()
+            .map(|l| squash(l))
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+            .collect();
+        assert_eq!(
+            head,
+            format!("chain ({} hop(s)):", hops.len()),
+            "{}",
+            self.out
+        );
+        hops
+    }
+
+    /// The chain's `end:` line (where the final records were found), if any.
+    fn chain_end(&self) -> Option<String> {
+        let (_, lines) = self.section("chain (");
+        let mut ends = lines
+            .iter()
+            .map(|l| squash(l))
+            .filter(|l| l.starts_with("end: "));
+        let end = ends.next();
+        assert!(ends.next().is_none(), "two end lines:\n{}", self.out);
+        end
+    }
+
+    /// The decision line.
+    fn decision(&self) -> String {
+        let (_, lines) = self.section("decision:");
+        assert_eq!(lines.len(), 1, "{}", self.out);
+        squash(lines[0])
+    }
+
+    /// The answer's rcode and records; the count on the answer line must be their number.
+    fn answer(&self) -> (String, Vec<String>) {
+        let (_, lines) = self.section("answer:");
+        let (summary, records) = lines.split_first().expect("an answer line");
+        let records: Vec<String> = records.iter().map(|l| squash(l)).collect();
+        let summary = squash(summary);
+        let parts: Vec<&str> = summary.split(", ").collect();
+        assert_eq!(parts.len(), 3, "answer line {summary:?}");
+        assert_eq!(
+            parts[1],
+            format!("{} record(s)", records.len()),
+            "{}",
+            self.out
+        );
+        assert!(
+            parts[2]
+                .strip_suffix(" ms")
+                .is_some_and(|t| t.parse::<f64>().is_ok()),
+            "answer line without its time: {summary:?}"
+        );
+        (parts[0].to_string(), records)
+    }
+}
+
+/// The answer section `server` gives to `name TYPE` (asked as dig asks), record by record.
+fn answer_of(server: SocketAddr, name: &str, qtype: &str) -> (String, Vec<String>) {
+    let v = DigView::parse(&tools::dig(
+        server,
+        &[name, qtype, "+noall", "+comments", "+answer"],
+    ));
+    (v.status, v.records)
+}
+
+/// The servers explain is run against: BIND #1 serving `legacy`'s zones, BIND #2 serving
+/// elsewhere.test, and Unbound with stub zones for every zone of BIND #1 (or, given
+/// `public_example`, for example.test at a third BIND serving that text: another view of the
+/// same zone) and for elsewhere.test.
+struct Servers {
+    legacy: Named,
+    elsewhere: Named,
+    _public: Option<Named>,
+    unbound: Unbound,
+}
+
+fn servers(
+    legacy: &[(&str, String)],
+    elsewhere: String,
+    public_example: Option<String>,
+) -> Servers {
+    let legacy_bind = Named::start(legacy);
+    let elsewhere = Named::start(&[("elsewhere.test", elsewhere)]);
+    let public = public_example.map(|z| Named::start(&[("example.test", z)]));
+    let mut stubs: Vec<(&str, SocketAddr)> = legacy
+        .iter()
+        .map(|(origin, _)| match (&public, *origin) {
+            (Some(p), "example.test") => (*origin, p.addr),
+            _ => (*origin, legacy_bind.addr),
+        })
+        .collect();
+    stubs.push(("elsewhere.test", elsewhere.addr));
+    let unbound = Unbound::start(&stubs);
+    Servers {
+        legacy: legacy_bind,
+        elsewhere,
+        _public: public,
+        unbound,
+    }
+}
+
+/// Issue 6: a chain wholly inside BIND's zone. BIND answers the whole chain itself, so there
+/// is one exchange (with BIND, showing exactly BIND's answer), every hop is attributed to
+/// BIND with the TTL of its zone-file line, and the answer is the final address owned by the
+/// question name with the smallest TTL on the chain (a middle link's).
+#[test]
+fn explain_in_zone_chain_names_every_hop_with_binds_ttls() {
+    if !flatten_tools("explain_in_zone_chain_names_every_hop_with_binds_ttls") {
+        return;
+    }
+    // deep -> mid -> inzone -> a (the last link and the A record are legacy_zone()'s).
+    let hops = [
+        ("deep.example.test.", 500, "mid.example.test."),
+        ("mid.example.test.", 45, "inzone.example.test."),
+        ("inzone.example.test.", 600, "a.example.test."),
+    ];
+    let (final_ttl, final_addr) = (120, "192.0.2.10");
+    let extra: String = hops[..2]
+        .iter()
+        .map(|(o, t, target)| format!("{o} {t} CNAME {target}\n"))
+        .collect();
+    let s = servers(
+        &[("example.test", legacy_zone() + &extra)],
+        elsewhere_zone(),
+        None,
+    );
+    let bind = s.legacy.addr.to_string();
+    // A check of the test: BIND serves the chain as written above.
+    let (status, direct) = answer_of(s.legacy.addr, "deep.example.test", "A");
+    let mut want_direct: Vec<String> = hops
+        .iter()
+        .map(|(o, t, target)| format!("{o} {t} IN CNAME {target}"))
+        .collect();
+    want_direct.push(format!("a.example.test. {final_ttl} IN A {final_addr}"));
+    assert_eq!((status.as_str(), &direct), ("NOERROR", &want_direct));
+    s.legacy.sync_query_log();
+    let asked_before = s.legacy.queries_for("deep.example.test", "A");
+
+    let e = explain("deep.example.test", "A", s.legacy.addr, s.unbound.addr, &[]);
+    let out = &e.out;
+
+    let ex = e.exchanges();
+    assert_eq!(ex.len(), 1, "one exchange, with BIND only:\n{out}");
+    assert_eq!(ex[0].role, "upstream", "{out}");
+    assert_eq!(ex[0].server.as_deref(), Some(bind.as_str()), "{out}");
+    assert_eq!(ex[0].question, "deep.example.test. A", "{out}");
+    assert_eq!(ex[0].outcome, "NOERROR", "{out}");
+    assert_eq!(
+        ex[0].records, direct,
+        "the exchange shows BIND's answer:\n{out}"
+    );
+    assert!(e.aliases().is_empty(), "{out}");
+
+    let want: Vec<String> = hops
+        .iter()
+        .enumerate()
+        .map(|(i, (o, t, target))| {
+            format!(
+                "{}. {o} -> {target} CNAME, TTL {t}, from upstream {bind}",
+                i + 1
+            )
+        })
+        .collect();
+    assert_eq!(e.chain(), want, "{out}");
+    assert_eq!(
+        e.chain_end(),
+        Some(format!(
+            "end: a.example.test. A, TTL {final_ttl}, from upstream {bind}"
+        )),
+        "{out}"
+    );
+
+    let min = hops.iter().map(|h| h.1).chain([final_ttl]).min().unwrap();
+    assert_eq!(min, 45, "a check of the test: the smallest TTL is mid's");
+    assert_eq!(
+        e.decision(),
+        format!(
+            "flattened: the final records, owned by deep.example.test., TTL {min} (the smallest on the chain)"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        e.answer(),
+        (
+            "NOERROR".to_string(),
+            vec![format!("deep.example.test. {min} IN A {final_addr}")]
+        ),
+        "{out}"
+    );
+
+    // The exchange is real: BIND logged one more query for the name, and none for the rest
+    // of the chain.
+    s.legacy.sync_query_log();
+    assert_eq!(
+        s.legacy.queries_for("deep.example.test", "A") - asked_before,
+        1,
+        "{}",
+        s.legacy.query_log()
+    );
+    for (o, _, _) in &hops[1..] {
+        assert_eq!(s.legacy.queries_for(o.trim_end_matches('.'), "A"), 0, "{o}");
+    }
+}
+
+/// Issue 6: a chain that leaves BIND's zone. BIND answers the first link; Unbound (the
+/// resolver) the rest, from BIND #2. The report shows both exchanges with the right server,
+/// attributes each hop to the server whose answer held it, and answers with the other zone's
+/// addresses.
+#[test]
+fn explain_partial_chain_shows_the_upstream_and_the_resolver() {
+    if !flatten_tools("explain_partial_chain_shows_the_upstream_and_the_resolver") {
+        return;
+    }
+    let s = servers(&[("example.test", legacy_zone())], elsewhere_zone(), None);
+    let bind = s.legacy.addr.to_string();
+    let unbound = s.unbound.addr.to_string();
+    assert_ne!(bind, unbound);
+
+    // www (300) -> target.elsewhere.test: A 198.51.100.1, .2 at TTL 60.
+    let e = explain("www.example.test", "A", s.legacy.addr, s.unbound.addr, &[]);
+    let out = &e.out;
+    let ex = e.exchanges();
+    assert_eq!(ex.len(), 2, "{out}");
+    assert_eq!(
+        (
+            ex[0].role.as_str(),
+            ex[0].server.as_deref(),
+            ex[0].question.as_str()
+        ),
+        ("upstream", Some(bind.as_str()), "www.example.test. A"),
+        "{out}"
+    );
+    assert_eq!(ex[0].outcome, "NOERROR", "{out}");
+    assert_eq!(
+        ex[0].records,
+        ["www.example.test. 300 IN CNAME target.elsewhere.test."],
+        "{out}"
+    );
+    assert_eq!(
+        (
+            ex[1].role.as_str(),
+            ex[1].server.as_deref(),
+            ex[1].question.as_str()
+        ),
+        (
+            "resolver",
+            Some(unbound.as_str()),
+            "target.elsewhere.test. A"
+        ),
+        "{out}"
+    );
+    assert_eq!(ex[1].outcome, "NOERROR", "{out}");
+    assert_eq!(
+        ex[1].records,
+        [
+            "target.elsewhere.test. 60 IN A 198.51.100.1",
+            "target.elsewhere.test. 60 IN A 198.51.100.2"
+        ],
+        "{out}"
+    );
+    assert_eq!(
+        e.chain(),
+        [format!(
+            "1. www.example.test. -> target.elsewhere.test. CNAME, TTL 300, from upstream {bind}"
+        )],
+        "{out}"
+    );
+    assert_eq!(
+        e.chain_end(),
+        Some(format!(
+            "end: target.elsewhere.test. A, TTL 60, from resolver {unbound}"
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        e.decision(),
+        "flattened: the final records, owned by www.example.test., TTL 60 (the smallest on the chain)",
+        "{out}"
+    );
+    assert_eq!(
+        e.answer(),
+        (
+            "NOERROR".to_string(),
+            vec![
+                "www.example.test. 60 IN A 198.51.100.1".to_string(),
+                "www.example.test. 60 IN A 198.51.100.2".to_string()
+            ]
+        ),
+        "{out}"
+    );
+    // Unbound really asked BIND #2; BIND #1 was asked the question only.
+    s.elsewhere.sync_query_log();
+    assert_eq!(
+        s.elsewhere.queries_for("target.elsewhere.test", "A"),
+        1,
+        "{}",
+        s.elsewhere.query_log()
+    );
+    s.legacy.sync_query_log();
+    assert_eq!(s.legacy.queries_for("www.example.test", "A"), 1);
+
+    // chain (300) -> hop1 (200) -> hop2 (80) -> target2 (90, A 198.51.100.20): the first
+    // link from BIND, the other two from Unbound's one answer.
+    let e = explain(
+        "chain.example.test",
+        "A",
+        s.legacy.addr,
+        s.unbound.addr,
+        &[],
+    );
+    let out = &e.out;
+    let ex = e.exchanges();
+    assert_eq!(ex.len(), 2, "{out}");
+    assert_eq!(
+        (ex[0].role.as_str(), ex[0].server.as_deref()),
+        ("upstream", Some(bind.as_str())),
+        "{out}"
+    );
+    assert_eq!(
+        ex[0].records,
+        ["chain.example.test. 300 IN CNAME hop1.elsewhere.test."],
+        "{out}"
+    );
+    assert_eq!(
+        (
+            ex[1].role.as_str(),
+            ex[1].server.as_deref(),
+            ex[1].question.as_str()
+        ),
+        ("resolver", Some(unbound.as_str()), "hop1.elsewhere.test. A"),
+        "{out}"
+    );
+    assert_eq!(
+        ex[1].records,
+        [
+            "hop1.elsewhere.test. 200 IN CNAME hop2.elsewhere.test.",
+            "hop2.elsewhere.test. 80 IN CNAME target2.elsewhere.test.",
+            "target2.elsewhere.test. 90 IN A 198.51.100.20"
+        ],
+        "{out}"
+    );
+    let chain = e.chain();
+    assert_eq!(chain.len(), 3, "{out}");
+    assert_eq!(
+        chain[0],
+        format!(
+            "1. chain.example.test. -> hop1.elsewhere.test. CNAME, TTL 300, from upstream {bind}"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        chain[1],
+        format!("2. hop1.elsewhere.test. -> hop2.elsewhere.test. CNAME, TTL 200, from resolver {unbound}"),
+        "{out}"
+    );
+    assert_eq!(
+        chain[2],
+        format!("3. hop2.elsewhere.test. -> target2.elsewhere.test. CNAME, TTL 80, from resolver {unbound}"),
+        "{out}"
+    );
+    assert_eq!(
+        e.chain_end(),
+        Some(format!(
+            "end: target2.elsewhere.test. A, TTL 90, from resolver {unbound}"
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        e.decision(),
+        "flattened: the final records, owned by chain.example.test., TTL 80 (the smallest on the chain)",
+        "{out}"
+    );
+    assert_eq!(
+        e.answer(),
+        (
+            "NOERROR".to_string(),
+            vec!["chain.example.test. 80 IN A 198.51.100.20".to_string()]
+        ),
+        "{out}"
+    );
+}
+
+/// Issue 6: looping chains. (1) A loop that only flatdns sees: BIND #1 (the internal view of
+/// example.test) says sv -> sv.elsewhere.test, BIND #2 says sv.elsewhere.test -> back to
+/// sv.example.test, which Unbound resolves through the public view (a third BIND) to an
+/// address. Neither server sees a loop; flatdns must, and give BIND #1's own answer, never
+/// the public address. (2) BIND's own in-zone loop (loop1 <-> loop2), which BIND answers with
+/// SERVFAIL and both CNAMEs: not flattened, and the client gets exactly that.
+#[test]
+fn explain_looping_chain_is_not_flattened() {
+    if !flatten_tools("explain_looping_chain_is_not_flattened") {
+        return;
+    }
+    let public_addr = "192.0.2.77";
+    let s = servers(
+        &[(
+            "example.test",
+            legacy_zone() + "sv 300 CNAME sv.elsewhere.test.\n",
+        )],
+        elsewhere_zone() + "sv 240 CNAME sv.example.test.\n",
+        Some(zone("example.test", &format!("sv 30 A {public_addr}\n"))),
+    );
+    let bind = s.legacy.addr.to_string();
+    let unbound = s.unbound.addr.to_string();
+
+    let e = explain("sv.example.test", "A", s.legacy.addr, s.unbound.addr, &[]);
+    let out = &e.out;
+    let ex = e.exchanges();
+    assert_eq!(ex.len(), 2, "{out}");
+    assert_eq!(
+        (
+            ex[0].role.as_str(),
+            ex[0].server.as_deref(),
+            ex[0].outcome.as_str()
+        ),
+        ("upstream", Some(bind.as_str()), "NOERROR"),
+        "{out}"
+    );
+    assert_eq!(
+        ex[0].records,
+        ["sv.example.test. 300 IN CNAME sv.elsewhere.test."],
+        "{out}"
+    );
+    assert_eq!(
+        (
+            ex[1].role.as_str(),
+            ex[1].server.as_deref(),
+            ex[1].question.as_str()
+        ),
+        ("resolver", Some(unbound.as_str()), "sv.elsewhere.test. A"),
+        "{out}"
+    );
+    assert_eq!(
+        ex[1].records,
+        [
+            "sv.elsewhere.test. 240 IN CNAME sv.example.test.".to_string(),
+            format!("sv.example.test. 30 IN A {public_addr}")
+        ],
+        "a check of the test: Unbound sees no loop:\n{out}"
+    );
+    let chain = e.chain();
+    assert_eq!(
+        chain.first().map(String::as_str),
+        Some(
+            format!(
+                "1. sv.example.test. -> sv.elsewhere.test. CNAME, TTL 300, from upstream {bind}"
+            )
+            .as_str()
+        ),
+        "{out}"
+    );
+    assert!(chain.iter().all(|l| !l.contains(public_addr)), "{out}");
+    // The link that closes the loop, from Unbound's reply.
+    assert!(
+        out.contains(&format!(
+            "  loop: sv.elsewhere.test. -> sv.example.test.  CNAME, TTL 240, from resolver {}: already on the chain",
+            s.unbound.addr
+        )),
+        "{out}"
+    );
+    assert_eq!(e.chain_end(), None, "not flattened: no end:\n{out}");
+    let d = e.decision();
+    assert!(
+        d.starts_with("not flattened (loop): ")
+            && d.ends_with("; the client gets the upstream's own answer"),
+        "{out}"
+    );
+    let direct = answer_of(s.legacy.addr, "sv.example.test", "A");
+    assert_eq!(e.answer(), direct, "BIND #1's own answer:\n{out}");
+    assert!(!out.split("answer:").nth(1).unwrap().contains(public_addr));
+
+    // BIND's in-zone loop: BIND itself gives up (SERVFAIL, both CNAMEs); no chase.
+    let e = explain(
+        "loop1.example.test",
+        "A",
+        s.legacy.addr,
+        s.unbound.addr,
+        &[],
+    );
+    let out = &e.out;
+    let cnames = [
+        "loop1.example.test. 300 IN CNAME loop2.example.test.",
+        "loop2.example.test. 300 IN CNAME loop1.example.test.",
+    ];
+    let ex = e.exchanges();
+    assert_eq!(ex.len(), 1, "no resolver is asked:\n{out}");
+    assert_eq!(
+        (ex[0].server.as_deref(), ex[0].outcome.as_str()),
+        (Some(bind.as_str()), "SERVFAIL"),
+        "{out}"
+    );
+    assert_eq!(ex[0].records, cnames, "{out}");
+    assert!(e.decision().starts_with("not flattened ("), "{out}");
+    let direct = answer_of(s.legacy.addr, "loop1.example.test", "A");
+    assert_eq!(
+        direct,
+        ("SERVFAIL".to_string(), cnames.map(String::from).to_vec())
+    );
+    assert_eq!(e.answer(), direct, "BIND's own answer:\n{out}");
+}
+
+/// Issue 7: explain covers aliases. A config-defined ALIAS (with and without a TTL of its
+/// own) answers without asking the upstream; a zone-stored one (TYPE65401 at the apex of
+/// zone.test in BIND) is found by a second upstream query. Either way the report shows the
+/// ALIAS line, a chain hop marked with the alias's source, and the target's addresses owned
+/// by the question name.
+#[test]
+fn explain_aliases_config_and_zone_stored() {
+    if !flatten_tools("explain_aliases_config_and_zone_stored") {
+        return;
+    }
+    // As in alias_at_the_apex_config_and_zone_stored.
+    let apex_body = "@ 3600 MX 10 mail\nmail 300 A 192.0.2.25\n";
+    // TYPE65401 rdata: target.elsewhere.test. in wire form (23 octets).
+    let zone_body = format!(
+        "{apex_body}@ 120 TYPE65401 \\# 23 0674617267657409656c73657768657265047465737400\n"
+    );
+    let legacy = Named::start(&[
+        ("cfg.test", zone("cfg.test", apex_body)),
+        ("zone.test", zone("zone.test", &zone_body)),
+    ]);
+    let elsewhere = Named::start(&[("elsewhere.test", elsewhere_zone())]);
+    let unbound = Unbound::start(&[("elsewhere.test", elsewhere.addr)]);
+    let dir = TempDir::new("explain-alias");
+    let conf = dir.write(
+        "flatdns.toml",
+        "alias_from_zone = true\n\n\
+         [[alias]]\nname = \"cfg.test\"\ntarget = \"target.elsewhere.test\"\nttl = 30\n\n\
+         [[alias]]\nname = \"bare.cfg.test\"\ntarget = \"target2.elsewhere.test\"\n",
+    );
+    let conf = conf.to_string_lossy().to_string();
+    let cfg = ["--config", conf.as_str()];
+    let (bind, res) = (legacy.addr.to_string(), unbound.addr.to_string());
+    // Each case asks Unbound a different question, so every TTL is fresh from BIND #2.
+
+    // Config-defined, TTL 30: min(30, target's AAAA 60).
+    let e = explain("cfg.test", "AAAA", legacy.addr, unbound.addr, &cfg);
+    let out = &e.out;
+    assert_eq!(
+        e.aliases(),
+        ["ALIAS (config-defined) at cfg.test. -> target.elsewhere.test. (TTL 30)"],
+        "{out}"
+    );
+    let ex = e.exchanges();
+    assert_eq!(ex.len(), 1, "the upstream is not asked:\n{out}");
+    assert_eq!(
+        (
+            ex[0].role.as_str(),
+            ex[0].server.as_deref(),
+            ex[0].question.as_str()
+        ),
+        (
+            "resolver",
+            Some(res.as_str()),
+            "target.elsewhere.test. AAAA"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        ex[0].records,
+        ["target.elsewhere.test. 60 IN AAAA 2001:db8::1"],
+        "{out}"
+    );
+    assert_eq!(
+        e.chain(),
+        ["1. cfg.test. -> target.elsewhere.test. ALIAS (config), TTL 30"],
+        "{out}"
+    );
+    assert_eq!(
+        e.chain_end(),
+        Some(format!(
+            "end: target.elsewhere.test. AAAA, TTL 60, from resolver {res}"
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        e.decision(),
+        "flattened: the final records, owned by cfg.test., TTL 30 (the smallest on the chain)",
+        "{out}"
+    );
+    assert_eq!(
+        e.answer(),
+        (
+            "NOERROR".to_string(),
+            vec!["cfg.test. 30 IN AAAA 2001:db8::1".to_string()]
+        ),
+        "{out}"
+    );
+
+    // Config-defined without a TTL: the target's (target2 A 90).
+    let e = explain("bare.cfg.test", "A", legacy.addr, unbound.addr, &cfg);
+    let out = &e.out;
+    assert_eq!(
+        e.aliases(),
+        ["ALIAS (config-defined) at bare.cfg.test. -> target2.elsewhere.test. (no TTL of its own)"],
+        "{out}"
+    );
+    let ex = e.exchanges();
+    assert_eq!(ex.len(), 1, "{out}");
+    assert_eq!(
+        (ex[0].role.as_str(), ex[0].server.as_deref()),
+        ("resolver", Some(res.as_str())),
+        "{out}"
+    );
+    assert_eq!(
+        ex[0].records,
+        ["target2.elsewhere.test. 90 IN A 198.51.100.20"],
+        "{out}"
+    );
+    let chain = e.chain();
+    assert_eq!(chain.len(), 1, "{out}");
+    assert_eq!(
+        chain[0], "1. bare.cfg.test. -> target2.elsewhere.test. ALIAS (config), no TTL of its own",
+        "{out}"
+    );
+    assert_eq!(
+        e.chain_end(),
+        Some(format!(
+            "end: target2.elsewhere.test. A, TTL 90, from resolver {res}"
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        e.decision(),
+        "flattened: the final records, owned by bare.cfg.test., TTL 90 (the smallest on the chain)",
+        "{out}"
+    );
+    assert_eq!(
+        e.answer(),
+        (
+            "NOERROR".to_string(),
+            vec!["bare.cfg.test. 90 IN A 198.51.100.20".to_string()]
+        ),
+        "{out}"
+    );
+    legacy.sync_query_log();
+    for name in ["cfg.test", "bare.cfg.test"] {
+        for qtype in ["A", "AAAA"] {
+            assert_eq!(legacy.queries_for(name, qtype), 0, "{name} {qtype}");
+        }
+    }
+
+    // Zone-stored: BIND's NODATA for A, then its ALIAS record (TTL 120); min(120, target 60).
+    let e = explain("zone.test", "A", legacy.addr, unbound.addr, &cfg);
+    let out = &e.out;
+    let ex = e.exchanges();
+    assert_eq!(ex.len(), 3, "{out}");
+    assert_eq!(
+        (
+            ex[0].role.as_str(),
+            ex[0].server.as_deref(),
+            ex[0].question.as_str()
+        ),
+        ("upstream", Some(bind.as_str()), "zone.test. A"),
+        "{out}"
+    );
+    assert_eq!(ex[0].outcome, "NOERROR", "{out}");
+    assert!(ex[0].records.is_empty(), "{out}");
+    assert_eq!(
+        (
+            ex[1].role.as_str(),
+            ex[1].server.as_deref(),
+            ex[1].question.as_str()
+        ),
+        ("upstream", Some(bind.as_str()), "zone.test. TYPE65401"),
+        "{out}"
+    );
+    assert_eq!(ex[1].records.len(), 1, "{out}");
+    assert!(
+        ex[1].records[0].starts_with("zone.test. 120 IN TYPE65401 "),
+        "{out}"
+    );
+    assert_eq!(
+        (
+            ex[2].role.as_str(),
+            ex[2].server.as_deref(),
+            ex[2].question.as_str()
+        ),
+        ("resolver", Some(res.as_str()), "target.elsewhere.test. A"),
+        "{out}"
+    );
+    assert_eq!(
+        ex[2].records,
+        [
+            "target.elsewhere.test. 60 IN A 198.51.100.1",
+            "target.elsewhere.test. 60 IN A 198.51.100.2"
+        ],
+        "{out}"
+    );
+    assert_eq!(
+        e.aliases(),
+        ["ALIAS (zone-defined) at zone.test. -> target.elsewhere.test. (TTL 120)"],
+        "{out}"
+    );
+    let chain = e.chain();
+    assert_eq!(chain.len(), 1, "{out}");
+    assert_eq!(
+        chain[0],
+        format!(
+            "1. zone.test. -> target.elsewhere.test. ALIAS (zone), TTL 120, from upstream {bind}"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        e.chain_end(),
+        Some(format!(
+            "end: target.elsewhere.test. A, TTL 60, from resolver {res}"
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        e.decision(),
+        "flattened: the final records, owned by zone.test., TTL 60 (the smallest on the chain)",
+        "{out}"
+    );
+    assert_eq!(
+        e.answer(),
+        (
+            "NOERROR".to_string(),
+            vec![
+                "zone.test. 60 IN A 198.51.100.1".to_string(),
+                "zone.test. 60 IN A 198.51.100.2".to_string()
+            ]
+        ),
+        "{out}"
+    );
+    legacy.sync_query_log();
+    assert_eq!(legacy.queries_for("zone.test", "A"), 1);
+    assert_eq!(legacy.queries_for("zone.test", "TYPE65401"), 1);
+}
+
+/// A bad name, type, config file or flag value is refused with exit status 2 and a message
+/// on stderr, before anything is asked; an upstream that never answers is not bad input: the
+/// lookup runs (exit 0) and the report says the exchange failed.
+#[test]
+fn explain_bad_input_exits_2_and_asks_nothing() {
+    let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let up = upstream.local_addr().unwrap().to_string();
+    let dir = TempDir::new("explain-bad");
+    let self_alias = dir.write(
+        "flatdns.toml",
+        "[[alias]]\nname = \"a.example\"\ntarget = \"a.example\"\n",
+    );
+    let self_alias = self_alias.to_string_lossy().to_string();
+    let cases: [(&[&str], &[&str]); 5] = [
+        (&["bad..name"], &["bad..name"]),
+        (&["www.example.test", "BOGUS"], &["BOGUS"]),
+        (
+            &["www.example.test", "A", "--config", &self_alias],
+            &["flatdns.toml:3", "alias.target"],
+        ),
+        (&["www.example.test", "A", "--timeout", "soon"], &["soon"]),
+        (
+            &["www.example.test", "A", "--upstream", "not-an-address"],
+            &["not-an-address"],
+        ),
+    ];
+    for (args, mentions) in cases {
+        let mut all = args.to_vec();
+        if !args.contains(&"--upstream") {
+            all.extend(["--upstream", &up]);
+        }
+        let e = explain_raw(&all);
+        assert_eq!(
+            e.code,
+            Some(2),
+            "{all:?}: stdout:\n{}\nstderr:\n{}",
+            e.out,
+            e.err
+        );
+        assert!(e.out.is_empty(), "{all:?}: stdout:\n{}", e.out);
+        for m in mentions {
+            assert!(
+                e.err.starts_with("flatdns: ") && e.err.contains(m),
+                "{all:?}: stderr should name {m:?}:\n{}",
+                e.err
+            );
+        }
+    }
+    upstream.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 512];
+    assert!(
+        upstream.recv(&mut buf).is_err(),
+        "bad input still sent a query to the upstream"
+    );
+
+    // A silent upstream: the lookup runs, fails, and is reported.
+    let e = explain_raw(&[
+        "www.example.test",
+        "A",
+        "--upstream",
+        &up,
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(e.code, Some(0), "{}\n{}", e.out, e.err);
+    let ex = e.exchanges();
+    assert!(!ex.is_empty(), "{}", e.out);
+    for x in &ex {
+        assert_eq!(x.role, "upstream", "{}", e.out);
+        assert!(x.outcome.starts_with("failed ("), "{}", e.out);
+    }
+    assert!(e.chain().is_empty(), "{}", e.out);
+    assert_eq!(e.chain_end(), None, "{}", e.out);
+    assert_eq!(
+        e.answer(),
+        ("SERVFAIL".to_string(), Vec::new()),
+        "{}",
+        e.out
+    );
+    let n = ex.len();
+    let mut got = 0;
+    while upstream.recv(&mut buf).is_ok() {
+        got += 1;
+    }
+    assert!(
+        got >= n,
+        "the report shows {n} exchange(s), the upstream got {got} queries"
+    );
+}
