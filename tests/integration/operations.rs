@@ -146,14 +146,17 @@ async fn metrics_move_with_real_queries() {
 
 #[tokio::test]
 async fn alias_answers_are_counted_by_source() {
+    // zalias.example. holds a zone-stored ALIAS to target.elsewhere. (wire form).
     let up = Mock::start(
         "example. 3600 IN SOA ns.example. host.example. 1 3600 600 86400 300
-apex.example. 3600 IN MX 10 mail.example.",
+apex.example. 3600 IN MX 10 mail.example.
+zalias.example. 300 IN TYPE65401 \\# 18 0674617267657409656c7365776865726500",
     )
     .await;
     let res = Mock::start(RESOLVER).await;
     let p = Proxy::start(&[up.addr], |c| {
         c.resolvers = vec![res.addr];
+        c.alias_from_zone = true;
         c.metrics = Some("127.0.0.1:0".parse().unwrap());
         c.aliases = vec![Alias {
             name: name("apex.example."),
@@ -175,6 +178,19 @@ apex.example. 3600 IN MX 10 mail.example.",
         0.0
     );
     assert_eq!(get(&m, "flatdns_flattened_total"), 1.0);
+
+    let r = p.udp(&Q::new("zalias.example.", A)).await;
+    assert_eq!(r.answer.len(), 2);
+    let m = samples(&http_get(maddr, "/metrics").await.1);
+    assert_eq!(
+        get(&m, r#"flatdns_alias_answers_total{source="zone"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(&m, r#"flatdns_alias_answers_total{source="config"}"#),
+        1.0
+    );
+    assert_eq!(get(&m, "flatdns_flattened_total"), 2.0);
 }
 
 fn config(up: SocketAddr, res: SocketAddr) -> Config {
