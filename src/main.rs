@@ -244,7 +244,13 @@ fn reload(cli: &Cli, running: &flatdns::server::Running, log: &LogReload) {
         warn!(error = %e, "reload: the log level could not be changed");
     }
     let sum = summary(&new);
+    let aliases = !new.aliases.is_empty();
     let done = handler.reload(new);
+    if aliases {
+        // As at start: say so where a config alias hides records of the zone.
+        let h = handler.clone();
+        tokio::spawn(async move { h.check_aliases().await });
+    }
     if !done.need_restart.is_empty() {
         warn!(
             keys = %done.need_restart.join(", "),
