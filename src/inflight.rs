@@ -12,7 +12,7 @@ use std::collections::hash_map::{DefaultHasher, Entry as MapEntry};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::watch;
 
@@ -20,12 +20,24 @@ use crate::cache::Entry;
 
 type Result = Option<Arc<Entry>>;
 
+/// The channel is made by the first waiter, under the shard lock: most misses have no
+/// waiter, and a watch channel (eight notifiers) is costly to build and to publish on. The
+/// leader removes the key under the same lock before it publishes, so any waiter there is
+/// made the channel before the leader looks for it.
 struct Slot {
-    tx: watch::Sender<Option<Result>>,
+    tx: OnceLock<watch::Sender<Option<Result>>>,
     waiters: AtomicUsize,
 }
 
-type Shard = Mutex<HashMap<Box<[u8]>, Arc<Slot>>>;
+impl Slot {
+    fn publish(&self, result: Result) {
+        if let Some(tx) = self.tx.get() {
+            tx.send_replace(Some(result));
+        }
+    }
+}
+
+type Shard = Mutex<HashMap<Arc<[u8]>, Arc<Slot>>>;
 
 /// Keys with a query in flight, sharded to keep lock hold times short.
 pub struct Inflight {
@@ -65,21 +77,20 @@ impl Inflight {
                 slot.waiters.fetch_sub(1, Ordering::Relaxed);
                 return Join::Full;
             }
-            return Join::Waiter(Waiter {
-                rx: slot.tx.subscribe(),
-            });
+            let tx = slot.tx.get_or_init(|| watch::channel(None).0);
+            return Join::Waiter(Waiter { rx: tx.subscribe() });
         }
-        let (tx, _) = watch::channel(None);
         let slot = Arc::new(Slot {
-            tx,
+            tx: OnceLock::new(),
             waiters: AtomicUsize::new(0),
         });
-        if let MapEntry::Vacant(v) = map.entry(key.into()) {
+        let key: Arc<[u8]> = key.into();
+        if let MapEntry::Vacant(v) = map.entry(key.clone()) {
             v.insert(slot.clone());
         }
         Join::Leader(Leader {
             shard,
-            key: key.into(),
+            key,
             slot,
             done: false,
         })
@@ -101,7 +112,7 @@ impl Inflight {
 /// Held by the one query that goes upstream for a key.
 pub struct Leader<'a> {
     shard: &'a Shard,
-    key: Box<[u8]>,
+    key: Arc<[u8]>,
     slot: Arc<Slot>,
     done: bool,
 }
@@ -110,7 +121,7 @@ impl Leader<'_> {
     /// Publishes the result to every waiter and frees the key.
     pub fn complete(mut self, result: Result) {
         self.release();
-        self.slot.tx.send_replace(Some(result));
+        self.slot.publish(result);
         self.done = true;
     }
 
@@ -120,10 +131,10 @@ impl Leader<'_> {
             Err(poisoned) => poisoned.into_inner(),
         };
         if map
-            .get(&self.key)
+            .get(&*self.key)
             .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
         {
-            map.remove(&self.key);
+            map.remove(&*self.key);
         }
     }
 }
@@ -132,7 +143,7 @@ impl Drop for Leader<'_> {
     fn drop(&mut self) {
         if !self.done {
             self.release();
-            self.slot.tx.send_replace(Some(None));
+            self.slot.publish(None);
         }
     }
 }

@@ -202,18 +202,43 @@ async fn udp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamE
     let domain = socket2::Domain::for_address(server);
     let sock = socket2::Socket::new(domain, socket2::Type::DGRAM.nonblocking().cloexec(), None)?;
     sock.connect(&server.into())?;
+    // Sent before the socket meets the reactor: a new socket's send buffer is empty, so the
+    // send goes out now instead of after a reactor turn has reported the socket writable.
+    // Should it still say EAGAIN (memory pressure), the send waits for readiness below.
+    let sent = match sock.send(msg) {
+        Ok(_) => true,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+        Err(e) => return Err(e.into()),
+    };
     let sock = UdpSocket::from_std(sock.into())?;
-    sock.send(msg).await?;
-    // Capacity, not zeroed memory: a miss should not pay a 64 KiB memset.
-    let mut buf = Vec::with_capacity(65_535);
-    loop {
-        buf.clear();
-        let n = sock.recv_buf(&mut buf).await?;
-        if matches(msg, &buf) {
-            return Ok(Bytes::copy_from_slice(&buf));
-        }
-        debug!(%server, len = n, "discarded a reply that does not match the query");
+    if !sent {
+        sock.send(msg).await?;
     }
+    loop {
+        sock.readable().await?;
+        // Received into this thread's 64 KiB buffer, then copied at its exact length: a miss
+        // pays neither a 64 KiB allocation (whose free makes glibc consolidate its fastbins
+        // and trim the heap) nor a memset.
+        let got = RECV_BUF.with_borrow_mut(|buf| {
+            let n = sock.try_recv(buf)?;
+            let reply = &buf[..n];
+            io::Result::Ok(matches(msg, reply).then(|| Bytes::copy_from_slice(reply)))
+        });
+        match got {
+            Ok(Some(reply)) => return Ok(reply),
+            Ok(None) => debug!(%server, "discarded a reply that does not match the query"),
+            // Readiness was stale (tokio has cleared it): wait again.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+thread_local! {
+    /// Receive buffer for upstream UDP replies: one per runtime worker, borrowed only between
+    /// a readiness report and the copy out, never across an await.
+    static RECV_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; 65_535].into_boxed_slice());
 }
 
 /// Whether `reply` answers `query` (RFC 5452 section 9.1) and scans as a whole message.
