@@ -476,6 +476,39 @@ async fn query_log_writes_json_lines() {
     assert_eq!(field(2, "flattened"), false);
 }
 
+/// `--query-log text`: the same fields as plain tracing lines, on stdout, not stderr.
+#[tokio::test]
+async fn query_log_writes_text_lines() {
+    let mock = Mock::start("www.example. 300 IN A 192.0.2.1").await;
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--query-log", "text"]).stdout(Stdio::piped());
+    let mut child = start(cmd, mock.addr);
+    let stdout = child.child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let r = udp_query(child.addr, &Q::new("www.example.", A).wire()).await;
+    assert_eq!(r.answer.len(), 1);
+    let line = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a query log line");
+    for field in [
+        "client=127.0.0.1",
+        "transport=\"udp\"",
+        "name=www.example.",
+        "qtype=A",
+        "rcode=\"NOERROR\"",
+        "flattened=false",
+        "source=\"upstream\"",
+        "latency_us=",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
+}
+
 /// `flatdns explain` on the command line: the report on stdout, exit 0; bad input exit 2.
 #[tokio::test]
 async fn explain_subcommand_prints_the_report() {
