@@ -59,6 +59,9 @@ struct Conn {
     tx: mpsc::Sender<Vec<u8>>,
     waiting: Mutex<Waiting>,
     closed: AtomicBool,
+    /// Wakes the writer when the reader closes the connection: the writer's own `Arc<Conn>`
+    /// keeps `tx` alive, so its channel alone would never end and the socket would stay open.
+    shutdown: tokio::sync::Notify,
 }
 
 impl Conn {
@@ -66,6 +69,8 @@ impl Conn {
         self.closed.store(true, Ordering::Release);
         // Dropping the senders tells every waiting query the connection is gone.
         self.lock().clear();
+        // notify_one keeps a permit if the writer is not waiting right now.
+        self.shutdown.notify_one();
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
@@ -167,6 +172,7 @@ impl Pool {
             tx,
             waiting: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
+            shutdown: tokio::sync::Notify::new(),
         });
         tokio::spawn(write_loop(wr, rx, conn.clone()));
         tokio::spawn(read_loop(rd, conn.clone(), self.idle));
@@ -188,12 +194,18 @@ fn closed() -> UpstreamError {
 }
 
 async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>, conn: Arc<Conn>) {
-    while let Some(framed) = rx.recv().await {
+    loop {
+        let framed = tokio::select! {
+            f = rx.recv() => f,
+            _ = conn.shutdown.notified() => None,
+        };
+        let Some(framed) = framed else { break };
         if wr.write_all(&framed).await.is_err() {
             break;
         }
     }
     conn.close();
+    // FIN to the server; the read half goes with the reader, so the socket is closed.
     let _ = wr.shutdown().await;
 }
 

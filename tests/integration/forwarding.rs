@@ -489,8 +489,11 @@ async fn upstream_tcp_connections_are_reused_and_closed_when_idle() {
         .collect();
     assert_eq!(mock.log().iter().filter(|l| l.tcp).count(), 10);
     assert_eq!(ports.len(), 1, "one reused connection");
-    // After the idle timeout the connection is gone; the next query opens a new one.
+    // After the idle timeout the connection is gone (closed: the server sees EOF); the next
+    // query opens a new one.
+    assert_eq!(mock.tcp_closed(), 0);
     tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(mock.tcp_closed(), 1, "the idle connection was closed");
     proxy.tcp(&Q::new("www.example.", AAAA)).await;
     let ports: std::collections::HashSet<u16> = mock
         .log()

@@ -387,6 +387,8 @@ struct MockState {
     behavior: HashMap<String, Behavior>,
     default: Option<Behavior>,
     log: Vec<Logged>,
+    /// TCP connections whose client closed them (EOF).
+    tcp_closed: usize,
 }
 
 pub struct Mock {
@@ -467,6 +469,7 @@ impl Mock {
                             }
                         });
                     }
+                    st.lock().unwrap().tcp_closed += 1;
                 });
             }
         }));
@@ -496,6 +499,11 @@ impl Mock {
             .filter(|l| l.name == n && l.qtype == qtype)
             .count()
     }
+    /// TCP connections the client (flatdns) has closed.
+    pub fn tcp_closed(&self) -> usize {
+        self.state.lock().unwrap().tcp_closed
+    }
+
     pub fn total(&self) -> usize {
         self.log().len()
     }
