@@ -465,8 +465,12 @@ pub fn parse_name(text: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// An uncompressed wire name as text ("www.example.").
+/// An uncompressed wire name as text ("www.example.") in presentation format (RFC 1035
+/// 5.1): a byte outside the printable ASCII range as `\DDD`, and `.`, `\`, `"` inside a
+/// label escaped with a backslash. A label may hold any byte, and the text goes into logs:
+/// without escaping, a query name with a newline could forge a log line.
 pub fn display_name(wire: &[u8]) -> String {
+    use std::fmt::Write as _;
     let mut out = String::new();
     let mut pos = 0;
     while let Some(&len) = wire.get(pos) {
@@ -476,7 +480,18 @@ pub fn display_name(wire: &[u8]) -> String {
         let label = wire
             .get(pos + 1..pos + 1 + len as usize)
             .unwrap_or_default();
-        out.push_str(&String::from_utf8_lossy(label));
+        for &b in label {
+            match b {
+                b'.' | b'\\' | b'"' => {
+                    out.push('\\');
+                    out.push(b as char);
+                }
+                0x21..=0x7e => out.push(b as char),
+                _ => {
+                    let _ = write!(out, "\\{b:03}");
+                }
+            }
+        }
         out.push('.');
         pos += 1 + len as usize;
     }
@@ -843,7 +858,7 @@ impl Config {
             "" => None,
             a => Some(parse_addr(a, 9153).map_err(|e| invalid(&metrics_v, "metrics", e))?),
         };
-        if let Some(m) = metrics {
+        if let Some(m) = metrics.filter(|m| m.port() != 0) {
             if listen.iter().any(|l| {
                 l.port() == m.port()
                     && (l.ip() == m.ip() || l.ip().is_unspecified() || m.ip().is_unspecified())
@@ -1090,6 +1105,17 @@ mod tests {
         assert!(e.contains("t.toml:2") && e.contains("alias.name"), "{e}");
         let e = file("[[alias]]\nname = \"a\"\n").unwrap_err().to_string();
         assert!(e.contains("target"), "{e}");
+    }
+
+    #[test]
+    fn names_print_in_presentation_format() {
+        assert_eq!(display_name(b"\x03www\x07example\x00"), "www.example.");
+        assert_eq!(display_name(b"\x00"), ".");
+        // A newline, a dot and a backslash inside labels cannot forge log lines or labels.
+        assert_eq!(
+            display_name(b"\x04a\nb.\x02\\\"\x00"),
+            "a\\010b\\..\\\\\\\"."
+        );
     }
 
     #[test]

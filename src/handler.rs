@@ -26,6 +26,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,12 +120,13 @@ pub struct Settings {
 }
 
 impl Settings {
-    fn new(config: &Config, metrics: &Metrics) -> Settings {
+    /// `limits` are the running ones (a reload does not change them).
+    fn new(config: &Config, limits: &crate::config::Limits, metrics: &Metrics) -> Settings {
         let upstream = Upstream::new(
             config.upstreams.clone(),
             config.timeout,
             config.attempts,
-            config.limits.upstream_tcp_idle,
+            limits.upstream_tcp_idle,
         )
         .with_metrics(metrics, "upstream");
         let resolver = if config.resolvers.is_empty() {
@@ -134,7 +136,7 @@ impl Settings {
                 config.resolvers.clone(),
                 config.timeout,
                 config.attempts,
-                config.limits.upstream_tcp_idle,
+                limits.upstream_tcp_idle,
             )
             .with_metrics(metrics, "resolver")
         };
@@ -183,13 +185,17 @@ pub struct Handler {
     metrics: Arc<Metrics>,
     query_log: bool,
     trace: Option<Arc<Trace>>,
+    /// Bumped by a reload that flushes the cache: a lookup that started before it does not
+    /// put its (old-settings) answer into the emptied cache.
+    generation: AtomicU64,
 }
 
 impl Handler {
     pub fn new(config: Config) -> Handler {
         let metrics = Arc::new(Metrics::new());
         Handler {
-            settings: ArcSwap::from_pointee(Settings::new(&config, &metrics)),
+            settings: ArcSwap::from_pointee(Settings::new(&config, &config.limits, &metrics)),
+            generation: AtomicU64::new(0),
             cache: Cache::with_metrics(&config.cache, metrics.clone()),
             inflight: Inflight::new(config.limits.waiters_per_key),
             permits: Semaphore::new(config.limits.max_inflight),
@@ -249,9 +255,13 @@ impl Handler {
         fixed(new.metrics != old.metrics, "metrics");
         fixed(new.query_log != old.query_log, "query_log");
         let flushed = new.cache.flush_on_reload;
-        self.settings
-            .store(Arc::new(Settings::new(&new, &self.metrics)));
+        self.settings.store(Arc::new(Settings::new(
+            &new,
+            &self.config.limits,
+            &self.metrics,
+        )));
         if flushed {
+            self.generation.fetch_add(1, Ordering::AcqRel);
             self.cache.clear();
         }
         self.metrics.reloads.inc();
@@ -577,9 +587,14 @@ impl Handler {
                     return Got::Failed;
                 };
                 let _inflight = GaugeGuard::new(&self.metrics.inflight);
+                let generation = self.generation.load(Ordering::Acquire);
                 let p = produce().await;
                 if let Some(e) = &p.entry {
-                    self.cache.insert(key, e.clone());
+                    // Not into a cache flushed by a reload while this lookup ran: its answer
+                    // came under the old settings (waiters still get it).
+                    if self.generation.load(Ordering::Acquire) == generation {
+                        self.cache.insert(key, e.clone());
+                    }
                 }
                 leader.complete(p.entry.clone());
                 Got::Leader(p)
@@ -672,10 +687,11 @@ impl Handler {
         if let Err(skip) = flatten::eligible(&s.flatten, &start, q.qtype, q.qclass, q.do_bit()) {
             // Out of scope, excluded or DNSSEC only matter (and are counted) where there is
             // a chain to flatten.
-            let mut probe = Chain::new(&start, s.flatten.max_chain);
-            let chained =
-                flatten::follow(reply, &start, q.qtype, &mut probe) != Step::Fail(Skip::NoChain);
             let scoped = matches!(skip, Skip::Dnssec | Skip::Excluded | Skip::OutOfScope);
+            let chained = scoped && {
+                let mut probe = Chain::new(&start, s.flatten.max_chain);
+                flatten::follow(reply, &start, q.qtype, &mut probe) != Step::Fail(Skip::NoChain)
+            };
             return Err(plain(if scoped && !chained {
                 Skip::NoChain
             } else {

@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         println!("configuration OK\n{}", summary(&config));
         return ExitCode::SUCCESS;
     }
-    let log = init_logging(&cli, &config);
+    let (log, _query_log) = init_logging(&cli, &config);
 
     raise_fd_limit(&config);
     match run(cli, config, log) {
@@ -113,7 +113,18 @@ fn log_filter(cli: &Cli, config: &Config) -> EnvFilter {
 
 /// The main log goes to stderr; the query log (`--query-log`), when on, to stdout as text or
 /// JSON lines, each a layer with its own filter.
-fn init_logging(cli: &Cli, config: &Config) -> LogReload {
+///
+/// The query log is written by a thread of its own through a bounded queue that drops lines
+/// when full (tracing-appender's lossy non-blocking writer): a stalled reader of stdout (a
+/// full pipe, a journald under pressure) must never stop flatdns answering, and the line is
+/// written from the hot path. The returned guard flushes the queue at exit.
+fn init_logging(
+    cli: &Cli,
+    config: &Config,
+) -> (
+    LogReload,
+    Option<tracing_appender::non_blocking::WorkerGuard>,
+) {
     // Colour only on a terminal: logs read by journald or a test harness stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (filter, handle) = reload::Layer::new(log_filter(cli, config));
@@ -123,29 +134,40 @@ fn init_logging(cli: &Cli, config: &Config) -> LogReload {
         .with_filter(filter)
         .boxed();
     let queries = Targets::new().with_target("flatdns::query", LevelFilter::INFO);
-    let query_log = match config.query_log {
-        QueryLog::Off => None,
-        QueryLog::Text => Some(
+    let (stdout, guard) = match config.query_log {
+        QueryLog::Off => (None, None),
+        _ => {
+            let (w, g) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .lossy(true)
+                .buffered_lines_limit(65_536)
+                .thread_name("flatdns-query-log")
+                .finish(std::io::stdout());
+            (Some(w), Some(g))
+        }
+    };
+    let query_log = match (config.query_log, stdout) {
+        (QueryLog::Text, Some(w)) => Some(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stdout)
+                .with_writer(w)
                 .with_ansi(false)
                 .with_filter(queries)
                 .boxed(),
         ),
-        QueryLog::Json => Some(
+        (QueryLog::Json, Some(w)) => Some(
             tracing_subscriber::fmt::layer()
                 .json()
                 .flatten_event(true)
-                .with_writer(std::io::stdout)
+                .with_writer(w)
                 .with_filter(queries)
                 .boxed(),
         ),
+        _ => None,
     };
     tracing_subscriber::registry()
         .with(main)
         .with(query_log)
         .init();
-    handle
+    (handle, guard)
 }
 
 /// `flatdns explain`: one lookup, printed; exit 0 when it ran, 2 for bad arguments or config.

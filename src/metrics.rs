@@ -448,7 +448,8 @@ const MAX_CONNECTIONS: usize = 16;
 
 /// Serves `GET /metrics` on `listener` until shutdown. Anything else gets 404 (405 for a
 /// method other than GET/HEAD). A connection that does not send its request headers within
-/// 5 s is closed, so a trickling client cannot hold one of the few slots.
+/// 2 s is closed, so a trickling client cannot hold one of the few slots for long; the
+/// endpoint has no ACL of its own, so bind it where only scrapers reach it.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut shutdown: Shutdown) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -475,7 +476,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut shutdown: S
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(Duration::from_secs(2))
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = tokio::time::timeout(Duration::from_secs(30), conn).await {
                 debug!(%peer, error = %e, "metrics connection");

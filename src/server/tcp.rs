@@ -67,13 +67,28 @@ pub async fn serve(
             shutdown: shutdown.clone(),
             peer,
         };
-        let open = handler.metrics().tcp_connections.clone();
-        open.inc();
+        let open = OpenConn::new(handler.metrics().tcp_connections.clone());
         tracker.spawn(async move {
             ctx.run(stream).await;
-            open.dec();
-            drop((permit, slot));
+            drop((permit, slot, open));
         });
+    }
+}
+
+/// One unit of the open-connections gauge, given back on drop (also if the task is
+/// cancelled).
+struct OpenConn(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenConn {
+    fn new(g: prometheus_client::metrics::gauge::Gauge) -> OpenConn {
+        g.inc();
+        OpenConn(g)
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

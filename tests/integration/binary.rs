@@ -557,3 +557,19 @@ async fn explain_subcommand_prints_the_report() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("explain"));
     }
 }
+
+/// A query log nobody reads (a full pipe) must not stop flatdns answering: lines are
+/// dropped, queries are not.
+#[tokio::test]
+async fn an_unread_query_log_does_not_stall_answers() {
+    let mock = Mock::start("www.example. 300 IN A 192.0.2.1").await;
+    let mut cmd = Command::new(BIN);
+    // stdout is a pipe that this test never reads: 64 KiB fill it after ~300 lines.
+    cmd.args(["--query-log", "json"]).stdout(Stdio::piped());
+    let child = start(cmd, mock.addr);
+    let q = Q::new("www.example.", A).wire();
+    for i in 0..3000 {
+        let r = udp_exchange(child.addr, &q, Duration::from_secs(2)).await;
+        assert!(r.is_some(), "query {i} unanswered");
+    }
+}

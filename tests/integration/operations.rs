@@ -368,3 +368,26 @@ c.example. 300 IN CNAME www.example.",
         vec!["www.example. A 192.0.2.2"]
     );
 }
+
+/// A flushing reload while a lookup is in flight: that lookup's answer (from the old
+/// settings) reaches its client but not the emptied cache.
+#[tokio::test]
+async fn a_flushing_reload_keeps_in_flight_answers_out_of_the_cache() {
+    let one = Mock::start("slow.example. 300 IN A 192.0.2.1").await;
+    let two = Mock::start("slow.example. 300 IN A 192.0.2.2").await;
+    one.set("slow.example.", Behavior::Delay(Duration::from_millis(200)));
+    let p = Proxy::start(&[one.addr], |_| {}).await;
+    let addr = p.addr;
+    let pending =
+        tokio::spawn(async move { udp_query(addr, &Q::new("slow.example.", A).wire()).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut new = p.handler().config().clone();
+    new.upstreams = vec![two.addr];
+    new.cache.flush_on_reload = true;
+    assert!(p.handler().reload(new).flushed);
+    let old = pending.await.unwrap();
+    assert_eq!(old.answer_no_ttl(), vec!["slow.example. A 192.0.2.1"]);
+    let r = p.udp(&Q::new("slow.example.", A)).await;
+    assert_eq!(r.answer_no_ttl(), vec!["slow.example. A 192.0.2.2"]);
+    assert_eq!(two.count("slow.example.", A), 1);
+}
