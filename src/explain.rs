@@ -66,7 +66,7 @@ impl Event {
             name: name.to_vec(),
             qtype,
             server,
-            tried: via.servers().to_vec(),
+            tried: via.tried(),
             reply,
             elapsed: began.elapsed(),
         }

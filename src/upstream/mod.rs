@@ -96,6 +96,19 @@ impl Upstream {
         &self.servers
     }
 
+    /// The servers a query that fails every attempt has asked, in order.
+    pub fn tried(&self) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = Vec::new();
+        for a in 0..self.attempts {
+            if let Some(&s) = self.servers.get(a % self.servers.len().max(1)) {
+                if !v.contains(&s) {
+                    v.push(s);
+                }
+            }
+        }
+        v
+    }
+
     /// Sends `query` (any ID; a fresh one is set per attempt) and returns the first matching
     /// reply, with the upstream's ID still in it.
     pub async fn query(
