@@ -1457,14 +1457,9 @@ fn compliance_verdict_sees_what_a_broken_server_echoes() {
 // ==========================================================================================
 // Issue 7: ALIAS at the zone apex, in front of a legacy BIND
 
-/// BIND serves two zones, `cfg.test` (an ALIAS at its apex defined in flatdns's config) and
-/// `zone.test` (an ALIAS at its apex stored in the zone as TYPE65401); both point at
-/// target.elsewhere.test, which only BIND #2 serves, through Unbound.
-#[test]
-fn alias_at_the_apex_config_and_zone_stored() {
-    if !flatten_tools("alias_at_the_apex_config_and_zone_stored") {
-        return;
-    }
+/// The ALIAS lab: BIND #1 (legacy) with `cfg.test` and `zone.test` (TYPE65401 at its apex,
+/// pointing at target.elsewhere.test), BIND #2 with elsewhere.test, and Unbound resolving it.
+fn alias_lab() -> (Named, Named, Unbound) {
     let apex_body = "@ 3600 MX 10 mail\nmail 300 A 192.0.2.25\n";
     // TYPE65401 rdata: target.elsewhere.test. in wire form (23 octets).
     let zone_body = format!(
@@ -1476,6 +1471,18 @@ fn alias_at_the_apex_config_and_zone_stored() {
     ]);
     let elsewhere = Named::start(&[("elsewhere.test", elsewhere_zone())]);
     let unbound = Unbound::start(&[("elsewhere.test", elsewhere.addr)]);
+    (legacy, elsewhere, unbound)
+}
+
+/// BIND serves two zones, `cfg.test` (an ALIAS at its apex defined in flatdns's config) and
+/// `zone.test` (an ALIAS at its apex stored in the zone as TYPE65401); both point at
+/// target.elsewhere.test, which only BIND #2 serves, through Unbound.
+#[test]
+fn alias_at_the_apex_config_and_zone_stored() {
+    if !flatten_tools("alias_at_the_apex_config_and_zone_stored") {
+        return;
+    }
+    let (legacy, _elsewhere, unbound) = alias_lab();
     let dir = TempDir::new("alias");
     let conf = dir.write(
         "flatdns.toml",
@@ -2212,18 +2219,7 @@ fn explain_aliases_config_and_zone_stored() {
     if !flatten_tools("explain_aliases_config_and_zone_stored") {
         return;
     }
-    // As in alias_at_the_apex_config_and_zone_stored.
-    let apex_body = "@ 3600 MX 10 mail\nmail 300 A 192.0.2.25\n";
-    // TYPE65401 rdata: target.elsewhere.test. in wire form (23 octets).
-    let zone_body = format!(
-        "{apex_body}@ 120 TYPE65401 \\# 23 0674617267657409656c73657768657265047465737400\n"
-    );
-    let legacy = Named::start(&[
-        ("cfg.test", zone("cfg.test", apex_body)),
-        ("zone.test", zone("zone.test", &zone_body)),
-    ]);
-    let elsewhere = Named::start(&[("elsewhere.test", elsewhere_zone())]);
-    let unbound = Unbound::start(&[("elsewhere.test", elsewhere.addr)]);
+    let (legacy, _elsewhere, unbound) = alias_lab();
     let dir = TempDir::new("explain-alias");
     let conf = dir.write(
         "flatdns.toml",

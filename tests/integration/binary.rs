@@ -115,17 +115,22 @@ fn start(mut cmd: Command, upstream: std::net::SocketAddr) -> Running {
     spawn(cmd)
 }
 
+/// The lines of a child's output stream, read on a thread of their own.
+fn lines_of(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 /// Starts `cmd` as it is (its flags or config file say where to listen, on port 0) and
 /// reads the bound address from the start-up line.
 fn spawn(mut cmd: Command) -> Running {
     let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(child.stderr.take().unwrap());
     let mut running = Running {
         child,
         addr: ([0, 0, 0, 0], 0).into(),
@@ -436,13 +441,7 @@ async fn query_log_writes_json_lines() {
     let mut cmd = Command::new(BIN);
     cmd.args(["--query-log", "json"]).stdout(Stdio::piped());
     let mut child = start(cmd, mock.addr);
-    let stdout = child.child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(child.child.stdout.take().unwrap());
     let q = Q::new("WWW.example.", A).wire();
     assert_eq!(udp_query(child.addr, &q).await.answer.len(), 1);
     assert_eq!(udp_query(child.addr, &q).await.answer.len(), 1);
@@ -483,13 +482,7 @@ async fn query_log_writes_text_lines() {
     let mut cmd = Command::new(BIN);
     cmd.args(["--query-log", "text"]).stdout(Stdio::piped());
     let mut child = start(cmd, mock.addr);
-    let stdout = child.child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(child.child.stdout.take().unwrap());
     let r = udp_query(child.addr, &Q::new("www.example.", A).wire()).await;
     assert_eq!(r.answer.len(), 1);
     let line = rx
