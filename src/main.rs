@@ -83,7 +83,7 @@ fn summary(c: &Config) -> String {
         }
     );
     format!(
-        "  listen:    {}\n  upstream:  {}\n  resolver:  {}\n  cache:     {} entries, TTL {}..{} s\n  flatten:   {}\n  aliases:   {}\n  metrics:   {}\n  query log: {:?}",
+        "  listen:    {}\n  upstream:  {}\n  resolver:  {}\n  cache:     {} entries, TTL {}..{} s\n  flatten:   {}\n  aliases:   {}\n  metrics:   {}\n  query log: {}",
         list(&c.listen),
         list(&c.upstreams),
         if c.resolvers.is_empty() { "the upstreams".to_string() } else { list(&c.resolvers) },
@@ -93,7 +93,7 @@ fn summary(c: &Config) -> String {
         if c.flatten.enabled { format!("on, up to {} hops", c.flatten.max_chain) } else { "off".into() },
         aliases,
         c.metrics.map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics")),
-        c.query_log,
+        format!("{:?}", c.query_log).to_lowercase(),
     )
 }
 
