@@ -194,6 +194,9 @@ impl Cache {
             let m = metrics.clone();
             Moka::builder()
                 .max_capacity(policy.size)
+                // The table sized up front (up to a million entries, ~16 MB of buckets at
+                // most): no rehashing while a cold cache fills.
+                .initial_capacity(policy.size.min(1 << 20) as usize)
                 .expire_after(Expire {
                     stale: policy.stale.map_or(Duration::ZERO, |s| s.max_age),
                 })
