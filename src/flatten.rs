@@ -10,10 +10,6 @@
 //! to the question name (offset 12). The owner therefore reads exactly as the client wrote the
 //! question, and a cache hit that patches the question case patches the owners with it.
 
-use domain::base::name::ParsedName;
-use domain::base::{Message, ToName};
-use domain::rdata::Cname;
-
 use crate::config::{Exclude, FlattenConfig};
 use crate::wire::{self, Header, HEADER_LEN};
 
@@ -144,71 +140,72 @@ fn sane_ttl(ttl: u32) -> u32 {
     }
 }
 
-fn lower_name<N: ToName + ?Sized>(name: &N) -> Vec<u8> {
-    let mut out = Vec::with_capacity(32);
-    // Vec's append error is Infallible.
-    let _ = name.compose_canonical(&mut out);
-    out
-}
-
 /// Follows the chain from `start` through the answer section of `msg`.
+///
+/// Names are read with [`wire::read_name`], a bounded decompressor (backward pointers only,
+/// 255 octets at most), straight from the wire: no message model is built for this walk.
 pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
-    // Most answers hold no CNAME: then there is no chain to walk, and no need to decompress
-    // a single name to know it (a continuing chain found its records already, or has none).
-    let mut cnames = false;
+    let mut cnames: Vec<Link> = Vec::new();
+    let mut finals: Vec<(Vec<u8>, Rr)> = Vec::new();
+    let mut any_cname = false;
+    let mut records = Vec::new();
     if wire::walk_records(msg, |r| {
-        cnames |= r.section == wire::Section::Answer && r.rtype == wire::TYPE_CNAME
+        if r.section == wire::Section::Answer {
+            any_cname |= r.rtype == wire::TYPE_CNAME && r.class == wire::CLASS_IN;
+            records.push(r.clone());
+        }
     })
     .is_err()
     {
         return Step::Fail(Skip::Malformed);
     }
-    if !cnames && chain.links.is_empty() {
+    // Most answers hold no CNAME: then there is no chain to walk, and no need to decompress
+    // a single name to know it (a continuing chain found its records already, or has none).
+    if !any_cname && chain.links.is_empty() {
         return Step::Fail(Skip::NoChain);
     }
-    let Ok(m) = Message::from_slice(msg) else {
-        return Step::Fail(Skip::Malformed);
-    };
-    let Ok(answer) = m.answer() else {
-        return Step::Fail(Skip::Malformed);
-    };
-    let mut cnames: Vec<Link> = Vec::new();
-    let mut finals: Vec<(Vec<u8>, Rr)> = Vec::new();
-    for rec in answer {
-        let Ok(rec) = rec else {
+    // Every name of the question and answer sections must decompress, whatever record it
+    // owns: a message with one unreadable name is malformed as a whole (R20).
+    let mut name = Vec::with_capacity(32);
+    let mut pos = HEADER_LEN;
+    for _ in 0..Header::read(msg).map_or(0, |h| h.qdcount) {
+        match wire::read_name(msg, pos, &mut name) {
+            Ok(end) => pos = end + 4,
+            Err(_) => return Step::Fail(Skip::Malformed),
+        }
+    }
+    for r in records {
+        let mut owner = Vec::with_capacity(32);
+        if wire::read_name(msg, r.start, &mut owner).is_err() {
             return Step::Fail(Skip::Malformed);
-        };
-        if rec.class().to_int() != wire::CLASS_IN {
+        }
+        if r.class != wire::CLASS_IN || (r.rtype != wire::TYPE_CNAME && r.rtype != qtype) {
             continue;
         }
-        let rtype = rec.rtype().to_int();
-        if rtype == wire::TYPE_CNAME {
-            match rec.to_record::<Cname<ParsedName<_>>>() {
-                Ok(Some(r)) => cnames.push(Link {
-                    owner: lower_name(r.owner()),
-                    target: lower_name(r.data().cname()),
-                    ttl: sane_ttl(rec.ttl().as_secs()),
-                }),
+        let ttl = sane_ttl(r.ttl(msg));
+        if r.rtype == wire::TYPE_CNAME {
+            // The target must fill the RDATA exactly (RFC 1035 3.3.1).
+            let mut target = Vec::with_capacity(32);
+            match wire::read_name(msg, r.rdata.start, &mut target) {
+                Ok(end) if end == r.rdata.end => {}
                 _ => return Step::Fail(Skip::Malformed),
             }
-        } else if rtype == qtype {
-            let rdata = match rtype {
-                wire::TYPE_A => match rec.to_record::<domain::rdata::A>() {
-                    Ok(Some(r)) => r.data().addr().octets().to_vec(),
-                    _ => return Step::Fail(Skip::Malformed),
-                },
-                wire::TYPE_AAAA => match rec.to_record::<domain::rdata::Aaaa>() {
-                    Ok(Some(r)) => r.data().addr().octets().to_vec(),
-                    _ => return Step::Fail(Skip::Malformed),
-                },
+            cnames.push(Link { owner, target, ttl });
+        } else {
+            let want = match r.rtype {
+                wire::TYPE_A => 4,
+                wire::TYPE_AAAA => 16,
                 _ => continue,
             };
+            let Some(rdata) = msg.get(r.rdata.clone()).filter(|d| d.len() == want) else {
+                return Step::Fail(Skip::Malformed);
+            };
             finals.push((
-                lower_name(&rec.owner()),
+                owner,
                 Rr {
-                    rtype,
-                    ttl: sane_ttl(rec.ttl().as_secs()),
-                    rdata,
+                    rtype: r.rtype,
+                    ttl,
+                    rdata: rdata.to_vec(),
                 },
             ));
         }
@@ -369,25 +366,21 @@ pub fn write(
 /// The target and TTL of an ALIAS record (TYPE65401, rdata = the target name uncompressed in
 /// wire form, as PowerDNS stores it) owned by `owner` in the answer section of `msg`.
 pub fn alias_target(msg: &[u8], owner: &[u8]) -> Option<(Vec<u8>, u32)> {
-    let m = Message::from_slice(msg).ok()?;
-    let owners: Vec<Vec<u8>> = m
-        .answer()
-        .ok()?
-        .map(|r| r.map(|r| lower_name(&r.owner())))
-        .collect::<Result<_, _>>()
-        .ok()?;
     let mut found = None;
-    let mut i = 0;
+    let mut bad = false;
+    let mut name = Vec::with_capacity(32);
     wire::walk_records(msg, |r| {
-        if r.section != wire::Section::Answer {
+        if found.is_some()
+            || r.section != wire::Section::Answer
+            || r.rtype != crate::config::TYPE_ALIAS
+        {
             return;
         }
-        let this = i;
-        i += 1;
-        if found.is_some()
-            || r.rtype != crate::config::TYPE_ALIAS
-            || owners.get(this).map(Vec::as_slice) != Some(owner)
-        {
+        if wire::read_name(msg, r.start, &mut name).is_err() {
+            bad = true;
+            return;
+        }
+        if name != owner {
             return;
         }
         let rdata = &msg[r.rdata.clone()];
@@ -396,6 +389,9 @@ pub fn alias_target(msg: &[u8], owner: &[u8]) -> Option<(Vec<u8>, u32)> {
         }
     })
     .ok()?;
+    if bad {
+        return None;
+    }
     found
 }
 

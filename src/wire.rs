@@ -451,6 +451,46 @@ impl<'a> Query<'a> {
     }
 }
 
+/// Reads the (possibly compressed) name at `pos`, lowercased and uncompressed, into `out`
+/// (cleared first). Returns the offset just past the name where it stands.
+///
+/// Bounded on untrusted data: every compression pointer must point strictly before the
+/// label it replaces (so a walk can never revisit a position: no loops, and at most one pass
+/// over the message), labels are at most 63 octets and the name at most 255.
+pub fn read_name(msg: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Result<usize, WireError> {
+    out.clear();
+    let mut end = None;
+    loop {
+        let b = *msg.get(pos).ok_or(WireError::Short)?;
+        match b & 0xc0 {
+            0x00 if b == 0 => {
+                out.push(0);
+                if out.len() > MAX_NAME_LEN {
+                    return Err(WireError::BadName);
+                }
+                return Ok(end.unwrap_or(pos + 1));
+            }
+            0x00 => {
+                let label = msg.get(pos..pos + 1 + b as usize).ok_or(WireError::Short)?;
+                if out.len() + label.len() + 1 > MAX_NAME_LEN {
+                    return Err(WireError::BadName);
+                }
+                push_lower(out, label);
+                pos += label.len();
+            }
+            0xc0 => {
+                let target = usize::from(u16_at(msg, pos).ok_or(WireError::Short)? & 0x3fff);
+                if target >= pos {
+                    return Err(WireError::BadName);
+                }
+                end.get_or_insert(pos + 2);
+                pos = target;
+            }
+            _ => return Err(WireError::BadName),
+        }
+    }
+}
+
 /// Writes `name` (uncompressed wire form) lowercased into `out`.
 pub fn push_lower(out: &mut Vec<u8>, name: &[u8]) {
     out.extend(name.iter().map(u8::to_ascii_lowercase));
@@ -465,6 +505,34 @@ pub fn name_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_name_follows_backward_pointers_only() {
+        // Header, then "a.example." at 12, then "www" + pointer to 12 at 23.
+        let mut m = vec![0u8; 12];
+        m.extend_from_slice(b"\x01A\x07Example\x00");
+        m.extend_from_slice(b"\x03WWW\xc0\x0c");
+        let mut out = Vec::new();
+        assert_eq!(read_name(&m, 23, &mut out), Ok(29));
+        assert_eq!(out, b"\x03www\x01a\x07example\x00");
+        assert_eq!(read_name(&m, 12, &mut out), Ok(23));
+        assert_eq!(out, b"\x01a\x07example\x00");
+        // A pointer to itself, or forward: rejected, never followed.
+        let mut l = vec![0u8; 12];
+        l.extend_from_slice(&[0xc0, 12]);
+        assert_eq!(read_name(&l, 12, &mut out), Err(WireError::BadName));
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0xc0, 14, 0]);
+        assert_eq!(read_name(&f, 12, &mut out), Err(WireError::BadName));
+        // Over 255 octets through pointers: rejected.
+        let mut big = vec![0u8; 12];
+        for _ in 0..4 {
+            big.push(63);
+            big.extend_from_slice(&[b'x'; 63]);
+        }
+        big.push(0);
+        assert_eq!(read_name(&big, 12, &mut out), Err(WireError::BadName));
+    }
 
     fn query(name: &[u8], qtype: u16) -> Vec<u8> {
         let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
