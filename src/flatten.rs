@@ -175,13 +175,13 @@ pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
         }
     }
     for r in records {
-        let mut owner = Vec::with_capacity(32);
-        if wire::read_name(msg, r.start, &mut owner).is_err() {
+        if wire::read_name(msg, r.start, &mut name).is_err() {
             return Step::Fail(Skip::Malformed);
         }
         if r.class != wire::CLASS_IN || (r.rtype != wire::TYPE_CNAME && r.rtype != qtype) {
             continue;
         }
+        let owner = name.clone();
         let ttl = sane_ttl(r.ttl(msg));
         if r.rtype == wire::TYPE_CNAME {
             // The target must fill the RDATA exactly (RFC 1035 3.3.1).

@@ -110,7 +110,6 @@ impl Served {
 /// cache size, limits, metrics address, query log) is fixed at start, since changing it
 /// would mean dropping sockets or state.
 pub struct Settings {
-    pub config: Config,
     allow: Vec<IpNet>,
     upstream: Upstream,
     resolver: Upstream,
@@ -141,7 +140,6 @@ impl Settings {
             .with_metrics(metrics, "resolver")
         };
         Settings {
-            config: config.clone(),
             allow: config.allow.clone(),
             upstream,
             resolver,
@@ -225,11 +223,6 @@ impl Handler {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
-    }
-
-    /// The settings in force now.
-    pub fn settings(&self) -> Arc<Settings> {
-        self.settings.load_full()
     }
 
     /// Applies what may change at run time from `new` (upstreams, resolver, ACL, flatten

@@ -92,10 +92,6 @@ impl Upstream {
         self
     }
 
-    pub fn servers(&self) -> &[SocketAddr] {
-        &self.servers
-    }
-
     /// The servers a query that fails every attempt has asked, in order.
     pub fn tried(&self) -> Vec<SocketAddr> {
         let mut v: Vec<SocketAddr> = Vec::new();
