@@ -33,7 +33,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use ipnet::IpNet;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tracing::debug;
 
@@ -42,12 +42,15 @@ use crate::config::{Alias, Config, FlattenConfig, QueryLog, STALE_TTL, TYPE_ALIA
 use crate::cookie::CookieSecret;
 use crate::explain::{Event, Trace};
 use crate::flatten::{self, Chain, Skip, Step};
-use crate::inflight::{Inflight, Join};
+use crate::inflight::{Inflight, Join, Leader, Waiter};
 use crate::limit::PerClient;
 use crate::metrics::{Metrics, Source};
 use crate::response::{self, Prepared};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamError};
 use crate::wire::{self, Query, QueryError};
+
+mod miss;
+pub use miss::{Miss, Progress, Started, Task};
 
 /// How the client's query arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +87,22 @@ enum Got {
     Leader(Produced),
     Shared(Arc<Entry>),
     Failed,
+}
+
+/// A miss's place among the lookups in flight for its key.
+enum Role {
+    Lead(Lead),
+    Wait(Waiter),
+    Failed,
+}
+
+/// What the one lookup that goes upstream for a key holds until its answer is settled.
+struct Lead {
+    leader: Leader,
+    _permit: OwnedSemaphorePermit,
+    _inflight: GaugeGuard,
+    /// The cache generation when the lookup started ([`Handler::settle`]).
+    generation: u64,
 }
 
 /// How a reply came about: where from, and whether it is a flattened answer.
@@ -177,7 +196,7 @@ pub struct Handler {
     settings: ArcSwap<Settings>,
     cache: Cache,
     inflight: Inflight,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     pending: Arc<PerClient>,
     cookies: CookieSecret,
     metrics: Arc<Metrics>,
@@ -196,7 +215,7 @@ impl Handler {
             generation: AtomicU64::new(0),
             cache: Cache::with_metrics(&config.cache, metrics.clone()),
             inflight: Inflight::new(config.limits.waiters_per_key),
-            permits: Semaphore::new(config.limits.max_inflight),
+            permits: Arc::new(Semaphore::new(config.limits.max_inflight)),
             pending: PerClient::new(config.limits.pending_per_client),
             cookies: CookieSecret::random(),
             query_log: config.query_log != QueryLog::Off,
@@ -544,6 +563,18 @@ impl Handler {
                 self.produce(&s, q, tcp, deadline)
             })
             .await;
+        self.render_got(got, q, client, limit, out)
+    }
+
+    /// The client's reply from what its lookup got.
+    fn render_got(
+        &self,
+        got: Got,
+        q: &Query<'_>,
+        client: IpAddr,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Served {
         match got {
             Got::Leader(Produced { raw: Some(raw), .. }) => {
                 response::passthrough(&raw, q.id(), q.question(), limit, out);
@@ -573,31 +604,51 @@ impl Handler {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Produced>,
     {
-        match self.inflight.join(key) {
-            Join::Leader(leader) => {
-                let Ok(_permit) = self.permits.try_acquire() else {
-                    debug!("in-flight limit reached");
-                    return Got::Failed;
-                };
-                let _inflight = GaugeGuard::new(&self.metrics.inflight);
-                let generation = self.generation.load(Ordering::Acquire);
+        match self.role(key) {
+            Role::Lead(lead) => {
                 let p = produce().await;
-                if let Some(e) = &p.entry {
-                    // Not into a cache flushed by a reload while this lookup ran: its answer
-                    // came under the old settings (waiters still get it).
-                    if self.generation.load(Ordering::Acquire) == generation {
-                        self.cache.insert(key, e.clone());
-                    }
-                }
-                leader.complete(p.entry.clone());
+                self.settle(key, lead, &p);
                 Got::Leader(p)
             }
-            Join::Waiter(w) => match timeout_at(deadline, w.wait()).await {
+            Role::Wait(w) => match timeout_at(deadline, w.wait()).await {
                 Ok(Some(e)) => Got::Shared(e),
                 _ => Got::Failed,
             },
-            Join::Full => Got::Failed,
+            Role::Failed => Got::Failed,
         }
+    }
+
+    /// Joins the lookups in flight for `key`: the first becomes the leader, with an
+    /// in-flight permit (R11; without one it fails at once).
+    fn role(&self, key: &[u8]) -> Role {
+        match self.inflight.join(key) {
+            Join::Leader(leader) => match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => Role::Lead(Lead {
+                    leader,
+                    _permit: permit,
+                    _inflight: GaugeGuard::new(&self.metrics.inflight),
+                    generation: self.generation.load(Ordering::Acquire),
+                }),
+                Err(_) => {
+                    debug!("in-flight limit reached");
+                    Role::Failed
+                }
+            },
+            Join::Waiter(w) => Role::Wait(w),
+            Join::Full => Role::Failed,
+        }
+    }
+
+    /// A leader's answer goes into the cache and to its waiters.
+    fn settle(&self, key: &[u8], lead: Lead, p: &Produced) {
+        if let Some(e) = &p.entry {
+            // Not into a cache flushed by a reload while this lookup ran: its answer came
+            // under the old settings (waiters still get it).
+            if self.generation.load(Ordering::Acquire) == lead.generation {
+                self.cache.insert(key, e.clone());
+            }
+        }
+        lead.leader.complete(p.entry.clone());
     }
 
     /// The leader's work: ask the upstream, flatten if the answer qualifies.
@@ -610,17 +661,43 @@ impl Handler {
         let now = Instant::now();
         let asked = s.upstream.query_from(q.wire, tcp, deadline).await;
         self.note(|| Event::asked("upstream", &s.upstream, q.qname(), q.qtype, &asked, now));
+        self.produced(s, q, asked.map(|(r, _)| r), now, deadline)
+            .await
+    }
+
+    /// The rest of the leader's work once the upstream has answered (or failed to).
+    async fn produced(
+        &self,
+        s: &Settings,
+        q: &Query<'_>,
+        asked: Result<Bytes, UpstreamError>,
+        now: Instant,
+        deadline: Instant,
+    ) -> Produced {
         let reply = match asked {
-            Ok((r, _)) => r,
-            Err(e) => {
-                debug!(error = %e, "upstream failed");
-                return Produced {
-                    entry: self.failure_entry(q, e.is_upstream_fault()),
-                    raw: None,
-                };
-            }
+            Ok(r) => r,
+            Err(e) => return self.failed(q, e),
         };
         let flattened = self.flatten(s, q, &reply, deadline).await;
+        self.entry_from(reply, flattened, now)
+    }
+
+    /// A failed upstream lookup's result.
+    fn failed(&self, q: &Query<'_>, e: UpstreamError) -> Produced {
+        debug!(error = %e, "upstream failed");
+        Produced {
+            entry: self.failure_entry(q, e.is_upstream_fault()),
+            raw: None,
+        }
+    }
+
+    /// What the leader shares, from the upstream's reply and the flattening decision.
+    fn entry_from(
+        &self,
+        reply: Bytes,
+        flattened: Result<(Vec<u8>, u32), Fallback>,
+        now: Instant,
+    ) -> Produced {
         self.note(|| Event::Decision(flattened.as_ref().map(|f| f.1).map_err(|f| f.skip)));
         match flattened {
             Ok((flat, ttl)) => {
@@ -674,6 +751,62 @@ impl Handler {
         reply: &[u8],
         deadline: Instant,
     ) -> Result<(Vec<u8>, u32), Fallback> {
+        let (start, mut chain, mut step, nodata) = self.chain_start(s, q, reply)?;
+        let mut zone_alias = false;
+        if step == Step::Fail(Skip::NoChain) && nodata && s.alias_from_zone {
+            // NODATA: an ALIAS record in the zone may stand there (a static A/AAAA wins, as
+            // in PowerDNS, because then the answer is not NODATA).
+            if let Some((target, ttl)) = self.zone_alias(s, &start, deadline).await {
+                self.note(|| Event::Alias {
+                    source: "zone",
+                    name: start.clone(),
+                    target: target.clone(),
+                    ttl: Some(ttl),
+                });
+                zone_alias = true;
+                step = match chain.push_alias(&target, ttl) {
+                    Ok(()) => Step::Continue(target),
+                    Err(skip) => Step::Fail(skip),
+                };
+            }
+        }
+        let completed = self.complete(s, &mut chain, step, q.qtype, deadline).await;
+        self.chain_end(q, reply, &chain, completed, zone_alias)
+    }
+
+    /// [`Handler::flatten`] for a reply that needs no further lookup (no chase, no zone
+    /// ALIAS), without waiting; `None` when it does need one.
+    fn flatten_now(
+        &self,
+        s: &Settings,
+        q: &Query<'_>,
+        reply: &[u8],
+    ) -> Option<Result<(Vec<u8>, u32), Fallback>> {
+        let (_, chain, step, nodata) = match self.chain_start(s, q, reply) {
+            Ok(started) => started,
+            Err(fallback) => return Some(Err(fallback)),
+        };
+        let completed = match step {
+            Step::Continue(_) => return None,
+            Step::Fail(Skip::NoChain) if nodata && s.alias_from_zone => return None,
+            // As `complete` ends them.
+            Step::Done(rrs) => {
+                let ttl = flatten::answer_ttl(&chain, &rrs);
+                Ok((rrs, ttl))
+            }
+            Step::Fail(skip) => Err(Fallback { skip, cap: None }),
+        };
+        Some(self.chain_end(q, reply, &chain, completed, false))
+    }
+
+    /// The first part of flattening: whether `reply` qualifies, and the chain as far as the
+    /// reply itself goes (the owner name, lowercased; the chain; the next step; NODATA).
+    fn chain_start(
+        &self,
+        s: &Settings,
+        q: &Query<'_>,
+        reply: &[u8],
+    ) -> Result<(Vec<u8>, Chain, Step, bool), Fallback> {
         let mut start = Vec::with_capacity(q.qname().len());
         wire::push_lower(&mut start, q.qname());
         let plain = |skip| Fallback { skip, cap: None };
@@ -699,27 +832,20 @@ impl Handler {
             return Err(plain(Skip::NotNoError));
         }
         let mut chain = Chain::new(&start, s.flatten.max_chain);
-        let mut step = flatten::follow(reply, &start, q.qtype, &mut chain);
+        let step = flatten::follow(reply, &start, q.qtype, &mut chain);
         let nodata = wire::Header::read(reply).is_some_and(|h| h.ancount == 0);
-        let mut zone_alias = false;
-        if step == Step::Fail(Skip::NoChain) && nodata && s.alias_from_zone {
-            // NODATA: an ALIAS record in the zone may stand there (a static A/AAAA wins, as
-            // in PowerDNS, because then the answer is not NODATA).
-            if let Some((target, ttl)) = self.zone_alias(s, &start, deadline).await {
-                self.note(|| Event::Alias {
-                    source: "zone",
-                    name: start.clone(),
-                    target: target.clone(),
-                    ttl: Some(ttl),
-                });
-                zone_alias = true;
-                step = match chain.push_alias(&target, ttl) {
-                    Ok(()) => Step::Continue(target),
-                    Err(skip) => Step::Fail(skip),
-                };
-            }
-        }
-        let completed = self.complete(s, &mut chain, step, q.qtype, deadline).await;
+        Ok((start, chain, step, nodata))
+    }
+
+    /// The last part: the flattened answer from the completed chain.
+    fn chain_end(
+        &self,
+        q: &Query<'_>,
+        reply: &[u8],
+        chain: &Chain,
+        completed: Result<(Vec<flatten::Rr>, u32), Fallback>,
+        zone_alias: bool,
+    ) -> Result<(Vec<u8>, u32), Fallback> {
         self.note(|| Event::Chain(chain.links.clone()));
         let (rrs, ttl) = completed?;
         let out = flatten::build(reply, q.question(), &rrs, ttl).ok_or(Fallback {
@@ -956,16 +1082,16 @@ impl Handler {
 
 /// Holds one unit of a gauge (queries in flight) and gives it back on drop, so a cancelled
 /// task cannot leave the gauge high.
-struct GaugeGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
 
-impl<'a> GaugeGuard<'a> {
-    fn new(g: &'a prometheus_client::metrics::gauge::Gauge) -> GaugeGuard<'a> {
+impl GaugeGuard {
+    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> GaugeGuard {
         g.inc();
-        GaugeGuard(g)
+        GaugeGuard(g.clone())
     }
 }
 
-impl Drop for GaugeGuard<'_> {
+impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
     }

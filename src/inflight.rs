@@ -41,12 +41,14 @@ type Shard = Mutex<HashMap<Arc<[u8]>, Arc<Slot>>>;
 
 /// Keys with a query in flight, sharded to keep lock hold times short.
 pub struct Inflight {
-    shards: Box<[Shard]>,
+    /// Shared with the [`Leader`] guards, which own their query's key and so can move to
+    /// whichever thread finishes the lookup.
+    shards: Arc<[Shard]>,
     max_waiters: usize,
 }
 
-pub enum Join<'a> {
-    Leader(Leader<'a>),
+pub enum Join {
+    Leader(Leader),
     Waiter(Waiter),
     /// Too many waiters on this key already.
     Full,
@@ -60,15 +62,15 @@ impl Inflight {
         }
     }
 
-    fn shard(&self, key: &[u8]) -> &Shard {
+    fn shard(&self, key: &[u8]) -> usize {
         let mut h = DefaultHasher::new();
         key.hash(&mut h);
-        &self.shards[(h.finish() as usize) % self.shards.len()]
+        (h.finish() as usize) % self.shards.len()
     }
 
-    pub fn join(&self, key: &[u8]) -> Join<'_> {
+    pub fn join(&self, key: &[u8]) -> Join {
         let shard = self.shard(key);
-        let mut map = match shard.lock() {
+        let mut map = match self.shards[shard].lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
@@ -89,6 +91,7 @@ impl Inflight {
             v.insert(slot.clone());
         }
         Join::Leader(Leader {
+            shards: self.shards.clone(),
             shard,
             key,
             slot,
@@ -110,14 +113,15 @@ impl Inflight {
 }
 
 /// Held by the one query that goes upstream for a key.
-pub struct Leader<'a> {
-    shard: &'a Shard,
+pub struct Leader {
+    shards: Arc<[Shard]>,
+    shard: usize,
     key: Arc<[u8]>,
     slot: Arc<Slot>,
     done: bool,
 }
 
-impl Leader<'_> {
+impl Leader {
     /// Publishes the result to every waiter and frees the key.
     pub fn complete(mut self, result: Result) {
         self.release();
@@ -126,7 +130,7 @@ impl Leader<'_> {
     }
 
     fn release(&self) {
-        let mut map = match self.shard.lock() {
+        let mut map = match self.shards[self.shard].lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
@@ -139,7 +143,7 @@ impl Leader<'_> {
     }
 }
 
-impl Drop for Leader<'_> {
+impl Drop for Leader {
     fn drop(&mut self) {
         if !self.done {
             self.release();

@@ -1,28 +1,43 @@
 //! UDP listener: one blocking receive thread per socket, several sockets per address with
-//! SO_REUSEPORT so the kernel spreads clients over them (one per core by default).
+//! SO_REUSEPORT so the kernel spreads clients over them (one per core by default), and for
+//! each socket a reply thread that waits for the upstream replies of its misses.
 //!
 //! Why threads and not a tokio receive loop: at tens of thousands of queries per second a
 //! readiness-based loop pays, per packet, an epoll wake-up and a `recvfrom` that fails with
 //! EAGAIN on top of the one that succeeds. A thread blocked in `recvfrom` pays exactly one
 //! receive and one send per cache hit — the cost of a bare UDP echo. A cache hit is answered
-//! on the thread itself; a miss is copied out and handed to the runtime as a task, whose reply
-//! goes out on the same socket with MSG_DONTWAIT, so a full send buffer drops that reply
-//! instead of stalling a runtime worker.
+//! on the thread itself.
+//!
+//! A miss is started on the receive thread too ([`Handler::start_miss`]): the upstream query
+//! goes out on its fresh socket (R2), which is then registered with the reply thread's epoll
+//! set. The reply thread takes the reply, finishes the miss and sends the answer, so a miss
+//! costs one wake-up per side, like dnsdist's receiver and responder threads. What needs
+//! more than one exchange (a chase, a TCP retry, the next attempt after a timeout, a waiter
+//! on another miss) continues as a runtime task, whose reply goes out on the same socket
+//! with MSG_DONTWAIT, so a full send buffer drops that reply instead of stalling a thread.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
 use tokio::runtime::Handle;
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
-use crate::handler::{Fast, Handler, Transport};
+use crate::handler::{Fast, Handler, Miss, Progress, Started, Task, Transport};
 use crate::shutdown::Shutdown;
 
-/// How often an idle receive thread wakes to look for the shutdown signal.
+/// How often an idle receive or reply thread wakes to look for the shutdown signal.
 pub const POLL: Duration = Duration::from_millis(100);
 
 /// Errors a UDP socket reports for one datagram (an ICMP error from an earlier send, a full
@@ -41,6 +56,29 @@ fn is_transient(e: &io::Error) -> bool {
     ) || e.raw_os_error() == Some(105) // ENOBUFS
 }
 
+/// What the threads of one listener socket share.
+#[derive(Clone)]
+struct Listener {
+    sock: Arc<UdpSocket>,
+    tracker: TaskTracker,
+    rt: Handle,
+}
+
+impl Listener {
+    /// Runs `task` on the runtime and sends its reply to `client`.
+    fn spawn(&self, task: Task, client: SocketAddr) {
+        let sock = self.sock.clone();
+        self.tracker.spawn_on(
+            async move {
+                if let Some(reply) = task.await {
+                    send_nonblocking(&sock, &reply, client);
+                }
+            },
+            &self.rt,
+        );
+    }
+}
+
 /// The receive loop of one socket; runs on a blocking thread until shutdown.
 pub fn serve(
     sock: UdpSocket,
@@ -49,7 +87,31 @@ pub fn serve(
     tracker: TaskTracker,
     rt: Handle,
 ) {
-    let sock = Arc::new(sock);
+    let listener = Listener {
+        sock: Arc::new(sock),
+        tracker,
+        rt,
+    };
+    let receiving = Arc::new(AtomicBool::new(true));
+    let misses = match Poll::new().and_then(|poll| Ok((poll.registry().try_clone()?, poll))) {
+        Ok((registry, poll)) => {
+            let misses = Arc::new(Misses {
+                table: Mutex::new(Table::default()),
+                registry,
+            });
+            let (m, l, r) = (misses.clone(), listener.clone(), receiving.clone());
+            listener
+                .tracker
+                .spawn_blocking_on(move || replies(poll, m, l, r), &listener.rt);
+            Some(misses)
+        }
+        Err(e) => {
+            // Misses still work, each as a runtime task.
+            warn!(error = %e, "no epoll instance for the UDP miss path; misses run as tasks");
+            None
+        }
+    };
+    let sock = listener.sock.clone();
     let mut buf = vec![0u8; 65_535];
     let mut out = Vec::with_capacity(4096);
     while !shutdown.is_shutdown() {
@@ -61,31 +123,142 @@ pub fn serve(
                 break;
             }
         };
-        match handler.answer_fast(&buf[..n], src, Transport::Udp, &mut out) {
+        let msg = &buf[..n];
+        match handler.answer_fast(msg, src, Transport::Udp, &mut out) {
             Fast::Reply => send(&sock, &out, src),
             Fast::Drop => {}
             Fast::Miss => {
-                let msg = Bytes::copy_from_slice(&buf[..n]);
-                let (sock, handler) = (sock.clone(), handler.clone());
-                // The pipeline's future (about 3 KB) is boxed once, so the task itself stays
-                // small: tokio moves a task's whole future by value when it creates the task
-                // and again when the task finishes, several cold 3 KB copies per miss.
-                tracker.spawn_on(
-                    async move {
-                        let answer = Box::pin(handler.answer(msg, src, Transport::Udp));
-                        if let Some(reply) = answer.await {
-                            send_nonblocking(&sock, &reply, src);
+                let started = match &misses {
+                    Some(_) => handler.start_miss(msg, src, &mut out),
+                    None => Started::Async,
+                };
+                match (started, &misses) {
+                    (Started::Reply, _) => send(&sock, &out, src),
+                    (Started::Sent(miss), Some(misses)) => {
+                        if let Err((miss, e)) = misses.add(miss) {
+                            listener.spawn(miss.failed_with(e), src);
                         }
-                    },
-                    &rt,
-                );
+                    }
+                    (Started::Task(task), _) => listener.spawn(task, src),
+                    (Started::Sent(_), None) | (Started::Async, _) => {
+                        let msg = Bytes::copy_from_slice(msg);
+                        let h = handler.clone();
+                        // The pipeline's future (about 3 KB) is boxed once, so the task
+                        // itself stays small: tokio moves a task's whole future by value when
+                        // it creates the task and again when the task finishes.
+                        let task: Task =
+                            Box::pin(async move { h.answer(msg, src, Transport::Udp).await });
+                        listener.spawn(task, src);
+                    }
+                }
             }
+        }
+    }
+    receiving.store(false, Ordering::Release);
+}
+
+/// The misses of one listener socket waiting for their first upstream reply, by token.
+struct Misses {
+    table: Mutex<Table>,
+    registry: Registry,
+}
+
+#[derive(Default)]
+struct Table {
+    next: usize,
+    waiting: HashMap<usize, Miss>,
+    /// Every miss's timeout, soonest first; an entry whose miss is done is skipped.
+    deadlines: BinaryHeap<Reverse<(Instant, usize)>>,
+}
+
+impl Misses {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands `miss` to the reply thread. Registered under the lock, so the reply thread
+    /// cannot see the socket's event before the miss is in the table.
+    fn add(&self, miss: Miss) -> Result<(), (Miss, io::Error)> {
+        let mut t = self.lock();
+        let token = t.next;
+        t.next = t.next.wrapping_add(1);
+        let fd = miss.socket().as_raw_fd();
+        if let Err(e) = self
+            .registry
+            .register(&mut SourceFd(&fd), Token(token), Interest::READABLE)
+        {
+            return Err((miss, e));
+        }
+        t.deadlines.push(Reverse((miss.until(), token)));
+        t.waiting.insert(token, miss);
+        Ok(())
+    }
+}
+
+/// The reply thread of one listener socket: waits for the upstream sockets of its misses
+/// and their timeouts, until the receive thread has stopped and no miss is left. A miss's
+/// socket leaves the epoll set when the miss drops it (closing it), so no deregistration.
+fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: Arc<AtomicBool>) {
+    let mut events = Events::with_capacity(256);
+    let mut buf = vec![0u8; 65_535];
+    let mut expired = Vec::new();
+    loop {
+        let wait = misses
+            .lock()
+            .deadlines
+            .peek()
+            .map_or(POLL, |Reverse((at, _))| {
+                at.saturating_duration_since(Instant::now())
+            })
+            .min(POLL);
+        if let Err(e) = poll.poll(&mut events, Some(wait)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                error!(error = %e, "udp reply thread failed");
+                break;
+            }
+        }
+        for event in events.iter() {
+            let token = event.token().0;
+            let Some(miss) = misses.lock().waiting.remove(&token) else {
+                continue;
+            };
+            let client = miss.client();
+            // A bug in one miss must not stop every other miss of this socket.
+            let progress = catch_unwind(AssertUnwindSafe(|| miss.readable(&mut buf)));
+            match progress {
+                Ok(Progress::Waiting(miss)) => {
+                    misses.lock().waiting.insert(token, miss);
+                }
+                Ok(Progress::Reply(out)) => send_nonblocking(&listener.sock, &out, client),
+                Ok(Progress::Task(task)) => listener.spawn(task, client),
+                Err(_) => error!(%client, "a query's miss path panicked"),
+            }
+        }
+        let now = Instant::now();
+        {
+            let mut t = misses.lock();
+            while let Some(&Reverse((at, token))) = t.deadlines.peek() {
+                if at > now {
+                    break;
+                }
+                t.deadlines.pop();
+                if let Some(miss) = t.waiting.remove(&token) {
+                    expired.push(miss);
+                }
+            }
+        }
+        for miss in expired.drain(..) {
+            let client = miss.client();
+            listener.spawn(miss.timed_out(), client);
+        }
+        if !receiving.load(Ordering::Acquire) && misses.lock().waiting.is_empty() {
+            break;
         }
     }
 }
 
-/// From a runtime task: never block a worker thread on a full send buffer (the socket itself
-/// is blocking, for its receive thread; O_NONBLOCK would be shared, so the flag is per call).
+/// Off the receive thread: never block on a full send buffer (the socket itself is blocking,
+/// for its receive thread; O_NONBLOCK would be shared, so the flag is per call).
 fn send_nonblocking(sock: &UdpSocket, msg: &[u8], to: SocketAddr) {
     let s = socket2::SockRef::from(sock);
     if let Err(e) = s.send_to_with_flags(msg, &to.into(), libc::MSG_DONTWAIT) {

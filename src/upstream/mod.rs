@@ -127,12 +127,27 @@ impl Upstream {
         tcp: bool,
         deadline: Instant,
     ) -> Result<(Bytes, SocketAddr), UpstreamError> {
-        let mut last_err = UpstreamError::Timeout;
-        let mut fallback = None;
+        self.resume(query, tcp, Resume::START, deadline).await
+    }
+
+    /// [`Upstream::query_from`] from where an earlier, non-waiting attempt ([`Upstream::send_udp`]
+    /// and [`Upstream::received`]) left off.
+    pub async fn resume(
+        &self,
+        query: &[u8],
+        tcp: bool,
+        from: Resume,
+        deadline: Instant,
+    ) -> Result<(Bytes, SocketAddr), UpstreamError> {
+        let Resume {
+            attempt: first,
+            mut fallback,
+            mut last_err,
+        } = from;
         if self.servers.is_empty() {
             return Err(last_err);
         }
-        for attempt in 0..self.attempts {
+        for attempt in first..self.attempts {
             let now = Instant::now();
             if now >= deadline {
                 break;
@@ -140,40 +155,147 @@ impl Upstream {
             let index = attempt % self.servers.len();
             let server = self.servers[index];
             let until = (now + self.timeout).min(deadline);
-            let stats = &self.stats[index];
-            stats.queries.inc();
+            self.stats[index].queries.inc();
             let result =
                 match timeout_at(until, exchange(server, &self.pools[index], query, tcp)).await {
                     Ok(r) => r,
                     Err(_) => Err(UpstreamError::Timeout),
                 };
-            match result {
-                Ok(reply) => {
-                    stats.answered(now.elapsed());
-                    let rcode = reply[3] & 0x0f;
-                    let failed = rcode == wire::RCODE_SERVFAIL || rcode == wire::RCODE_REFUSED;
-                    if failed {
-                        stats.errors.inc();
+            let result = result.map(|reply| (reply, now.elapsed()));
+            match self.received(attempt, result) {
+                Ok(done) => return Ok(done),
+                Err(next) => {
+                    if next.fallback.is_some() {
+                        fallback = next.fallback;
                     }
-                    if failed && attempt + 1 < self.attempts && self.servers.len() > 1 {
-                        debug!(%server, rcode, "upstream failure reply, trying the next");
-                        fallback = Some((reply, server));
-                        continue;
-                    }
-                    return Ok((reply, server));
-                }
-                Err(e) => {
-                    match e {
-                        UpstreamError::Timeout => stats.timeouts.inc(),
-                        UpstreamError::Io(_) => stats.errors.inc(),
-                    };
-                    debug!(%server, error = %e, "upstream attempt failed");
-                    last_err = e;
+                    last_err = next.last_err;
                 }
             }
         }
         fallback.ok_or(last_err)
     }
+
+    /// Starts attempt `attempt` over UDP and returns at once: a fresh connected socket (its
+    /// own random port, R2) holding the query with a fresh random ID. The caller waits for
+    /// the socket itself, checks replies with [`matches`] against [`Sent::msg`], and hands
+    /// the outcome to [`Upstream::received`]. The listeners' miss path uses this to run a
+    /// miss without a runtime task.
+    pub fn send_udp(&self, attempt: usize, query: &[u8], deadline: Instant) -> io::Result<Sent> {
+        let index = attempt % self.servers.len().max(1);
+        let Some(&server) = self.servers.get(index) else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let mut msg = query.to_vec();
+        wire::put_u16(&mut msg, 0, rand::random::<u16>());
+        let began = Instant::now();
+        self.stats[index].queries.inc();
+        let sock = udp_socket(server)?;
+        sock.send(&msg)?;
+        Ok(Sent {
+            sock: sock.into(),
+            msg,
+            server: index,
+            began,
+            until: (began + self.timeout).min(deadline),
+        })
+    }
+
+    /// Accounts for the outcome of attempt `attempt` (a reply and how long it took, or why
+    /// there was none): the reply to use, or where the next attempt starts.
+    pub fn received(
+        &self,
+        attempt: usize,
+        result: Result<(Bytes, Duration), UpstreamError>,
+    ) -> Result<(Bytes, SocketAddr), Resume> {
+        let index = attempt % self.servers.len().max(1);
+        let (Some(stats), Some(&server)) = (self.stats.get(index), self.servers.get(index)) else {
+            return Err(Resume::next(attempt, None, UpstreamError::Timeout));
+        };
+        match result {
+            Ok((reply, took)) => {
+                stats.answered(took);
+                let rcode = reply.get(3).map_or(0, |b| b & 0x0f);
+                let failed = rcode == wire::RCODE_SERVFAIL || rcode == wire::RCODE_REFUSED;
+                if failed {
+                    stats.errors.inc();
+                }
+                if failed && attempt + 1 < self.attempts && self.servers.len() > 1 {
+                    debug!(%server, rcode, "upstream failure reply, trying the next");
+                    return Err(Resume::next(
+                        attempt,
+                        Some((reply, server)),
+                        UpstreamError::Timeout,
+                    ));
+                }
+                Ok((reply, server))
+            }
+            Err(e) => {
+                match e {
+                    UpstreamError::Timeout => stats.timeouts.inc(),
+                    UpstreamError::Io(_) => stats.errors.inc(),
+                };
+                debug!(%server, error = %e, "upstream attempt failed");
+                Err(Resume::next(attempt, None, e))
+            }
+        }
+    }
+
+    /// Retries over TCP a query whose UDP reply (`truncated`) had TC=1, on the same server
+    /// ([`Sent::server`]); a failed retry passes the truncated reply on (never cached).
+    pub async fn tcp_retry(&self, server: usize, msg: &[u8], truncated: Bytes) -> Bytes {
+        let Some(pool) = self.pools.get(server) else {
+            return truncated;
+        };
+        match pool.query(msg).await {
+            Ok(full) => full,
+            Err(e) => {
+                debug!(error = %e, "TCP retry failed, passing TC on");
+                truncated
+            }
+        }
+    }
+}
+
+/// Where a query's attempts go on: the next attempt's number, the last SERVFAIL/REFUSED
+/// reply so far (returned when every attempt fails) and the last error.
+pub struct Resume {
+    pub attempt: usize,
+    fallback: Option<(Bytes, SocketAddr)>,
+    last_err: UpstreamError,
+}
+
+impl Resume {
+    const START: Resume = Resume {
+        attempt: 0,
+        fallback: None,
+        last_err: UpstreamError::Timeout,
+    };
+
+    /// After a failed first attempt.
+    pub fn after_first() -> Resume {
+        Resume::next(0, None, UpstreamError::Timeout)
+    }
+
+    fn next(attempt: usize, fallback: Option<(Bytes, SocketAddr)>, e: UpstreamError) -> Resume {
+        Resume {
+            attempt: attempt + 1,
+            fallback,
+            last_err: e,
+        }
+    }
+}
+
+/// A UDP attempt on its way ([`Upstream::send_udp`]).
+pub struct Sent {
+    /// Connected to the server, non-blocking.
+    pub sock: std::net::UdpSocket,
+    /// The query as sent (with its fresh ID), to check replies against.
+    pub msg: Vec<u8>,
+    /// Which of the servers.
+    pub server: usize,
+    pub began: Instant,
+    /// When this attempt times out.
+    pub until: Instant,
 }
 
 /// One attempt: UDP (then TCP if truncated), or TCP directly.
@@ -208,9 +330,7 @@ async fn udp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamE
     // Non-blocking from creation, and connect() binds the socket to a random ephemeral port
     // itself (Linux picks it as for bind(0)): two system calls fewer per miss than
     // bind + set_nonblocking, the same fresh random port (R2).
-    let domain = socket2::Domain::for_address(server);
-    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM.nonblocking().cloexec(), None)?;
-    sock.connect(&server.into())?;
+    let sock = udp_socket(server)?;
     // Sent before the socket meets the reactor: a new socket's send buffer is empty, so the
     // send goes out now instead of after a reactor turn has reported the socket writable.
     // Should it still say EAGAIN (memory pressure), the send waits for readiness below.
@@ -241,6 +361,14 @@ async fn udp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamE
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// A fresh UDP socket connected to `server`.
+fn udp_socket(server: SocketAddr) -> io::Result<socket2::Socket> {
+    let domain = socket2::Domain::for_address(server);
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM.nonblocking().cloexec(), None)?;
+    sock.connect(&server.into())?;
+    Ok(sock)
 }
 
 thread_local! {

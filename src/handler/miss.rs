@@ -1,0 +1,329 @@
+//! A UDP miss without a runtime task, for the common case.
+//!
+//! The listener's receive thread starts the miss itself ([`Handler::start_miss`]): the same
+//! checks and bookkeeping as [`Handler::answer`] (pending slot, coalescing, in-flight
+//! permit), then the first upstream attempt goes out on a fresh connected socket (R2), and
+//! the [`Miss`] is handed to the listener's reply thread, which waits for that socket with
+//! the sockets of every other miss of the listener ([`crate::server`]). When the reply comes,
+//! [`Miss::readable`] checks it (R3) and, when it needs nothing more (no chase, no TCP retry,
+//! no further attempt), flattens, caches and renders the answer right there.
+//!
+//! Why: a miss run as a tokio task paid a wake-up of a runtime worker on top of the reply's
+//! (the task is spawned from the receive thread), a reactor registration and deregistration
+//! of the upstream socket, and the task's own machinery: about 1.5x dnsdist's CPU per miss.
+//! Here the kernel's readiness report for the upstream socket is the only hand-off, as in
+//! dnsdist, whose receive and responder threads this mirrors.
+//!
+//! Everything else (a waiter on another miss, serve-stale, a config ALIAS, a chase or zone
+//! ALIAS lookup, a TC=1 reply, a timeout or failure that moves on to the next attempt) goes
+//! on as an ordinary task from where the miss stood, through the same code as
+//! [`Handler::answer`]: the fast path only decides who runs the steps, never what they do.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+
+use super::*;
+use crate::upstream::{matches, Resume, Sent};
+
+/// A reply-producing task for the listener to spawn; `None`: send nothing.
+pub type Task = Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send + 'static>>;
+
+/// What [`Handler::start_miss`] did.
+pub enum Started {
+    /// `out` holds the reply (a local failure: too many pending queries, in-flight limit).
+    Reply,
+    /// The first attempt is on its way: wait for [`Miss::socket`] to be readable, or for
+    /// [`Miss::until`].
+    Sent(Miss),
+    /// Run this task.
+    Task(Task),
+    /// Not for this path: run [`Handler::answer`] in a task.
+    Async,
+}
+
+/// What became of a miss on an event.
+pub enum Progress {
+    /// Still waiting (nothing, or only replies that did not match, R3).
+    Waiting(Miss),
+    /// Done: send this to the client.
+    Reply(Vec<u8>),
+    /// Needs more work: run this task.
+    Task(Task),
+}
+
+/// A miss whose first upstream attempt is out.
+pub struct Miss {
+    /// Boxed: a miss moves between threads and tables, and `Led` holds a whole cache key.
+    led: Box<Led>,
+    sent: Sent,
+}
+
+/// A miss that leads its key's lookup: everything needed to finish it.
+struct Led {
+    handler: Arc<Handler>,
+    settings: Arc<Settings>,
+    msg: Bytes,
+    client: SocketAddr,
+    key: Key,
+    lead: Lead,
+    _pending: crate::limit::Slot,
+    /// When the first attempt began (the cached answer's TTLs count from here).
+    began: Instant,
+    deadline: Instant,
+    started: Option<std::time::Instant>,
+}
+
+/// Where a task takes a miss up.
+enum Next {
+    /// At the given attempt.
+    Resume(Resume),
+    /// A TC=1 reply to attempt 0: retry over TCP.
+    Truncated(Sent, Bytes),
+    /// The upstream's reply is in; flattening needs a lookup.
+    Reply(Bytes),
+}
+
+impl Handler {
+    /// Starts a UDP query that [`Handler::answer_fast`] found missing from the cache.
+    pub fn start_miss(
+        self: &Arc<Self>,
+        msg: &[u8],
+        client: SocketAddr,
+        out: &mut Vec<u8>,
+    ) -> Started {
+        if self.trace.is_some() {
+            return Started::Async;
+        }
+        let Ok(q) = Query::parse(msg) else {
+            return Started::Async;
+        };
+        let Some(key) = Key::for_query(&q) else {
+            return Started::Async;
+        };
+        let s = self.settings.load_full();
+        if !s.aliases.is_empty() && self.alias_for(&s, &q) {
+            return Started::Async;
+        }
+        if self.config.cache.stale.is_some() && self.stale_candidate(&q).is_some() {
+            return Started::Async;
+        }
+        // From here on as in `answer` and `resolve`.
+        let started = self.query_log.then(std::time::Instant::now);
+        self.metrics.cache_misses.inc();
+        let Some(pending) = self.pending.acquire(client.ip()) else {
+            debug!(%client, "pending-per-client limit reached");
+            response::error_for(&q, wire::RCODE_SERVFAIL, out);
+            self.done(
+                Transport::Udp,
+                client,
+                Some(&q),
+                out,
+                Served::LOCAL,
+                started,
+            );
+            return Started::Reply;
+        };
+        let deadline = Instant::now() + self.config.limits.client_deadline;
+        let lead = match self.role(key.as_bytes()) {
+            Role::Lead(lead) => lead,
+            Role::Wait(w) => {
+                let (h, msg) = (self.clone(), Bytes::copy_from_slice(msg));
+                return Started::Task(Box::pin(async move {
+                    let _pending = pending;
+                    let got = match timeout_at(deadline, w.wait()).await {
+                        Ok(Some(e)) => Got::Shared(e),
+                        _ => Got::Failed,
+                    };
+                    let q = Query::parse(&msg).ok()?;
+                    Some(h.reply(&q, client, got, started))
+                }));
+            }
+            Role::Failed => {
+                self.reply_into(&q, client, Got::Failed, started, out);
+                return Started::Reply;
+            }
+        };
+        let led = Box::new(Led {
+            handler: self.clone(),
+            msg: Bytes::copy_from_slice(msg),
+            client,
+            key,
+            lead,
+            _pending: pending,
+            began: Instant::now(),
+            deadline,
+            started,
+            settings: s,
+        });
+        match led.settings.upstream.send_udp(0, q.wire, deadline) {
+            Ok(sent) => Started::Sent(Miss { led, sent }),
+            Err(e) => {
+                let from = match led.settings.upstream.received(0, Err(e.into())) {
+                    Err(from) => from,
+                    // Not for an error; to be safe, as a failed first attempt.
+                    Ok(_) => return Started::Async,
+                };
+                Started::Task(led.go_on(Next::Resume(from)))
+            }
+        }
+    }
+
+    /// Whether a config ALIAS stands at `q`'s name for its type.
+    fn alias_for(&self, s: &Settings, q: &Query<'_>) -> bool {
+        if !matches!(q.qtype, wire::TYPE_A | wire::TYPE_AAAA) || q.qclass != wire::CLASS_IN {
+            return false;
+        }
+        let mut name = Vec::with_capacity(q.qname().len());
+        wire::push_lower(&mut name, q.qname());
+        s.aliases.contains_key(&name)
+    }
+
+    /// The client's reply from its lookup, counted and logged.
+    fn reply(
+        &self,
+        q: &Query<'_>,
+        client: SocketAddr,
+        got: Got,
+        started: Option<std::time::Instant>,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.reply_into(q, client, got, started, &mut out);
+        out
+    }
+
+    fn reply_into(
+        &self,
+        q: &Query<'_>,
+        client: SocketAddr,
+        got: Got,
+        started: Option<std::time::Instant>,
+        out: &mut Vec<u8>,
+    ) {
+        let limit = self.limit(q, Transport::Udp);
+        let served = self.render_got(got, q, client.ip(), limit, out);
+        debug!(%client, qtype = q.qtype, rcode = out.get(3).map(|b| b & 0x0f), len = out.len(), "answered");
+        self.done(Transport::Udp, client, Some(q), out, served, started);
+    }
+}
+
+impl Miss {
+    /// The socket the upstream's reply comes to.
+    pub fn socket(&self) -> &std::net::UdpSocket {
+        &self.sent.sock
+    }
+
+    /// When the attempt times out: then call [`Miss::timed_out`].
+    pub fn until(&self) -> Instant {
+        self.sent.until
+    }
+
+    /// The socket is readable: takes every datagram waiting there (the socket is
+    /// edge-triggered) until one is the reply.
+    pub fn readable(self, buf: &mut [u8]) -> Progress {
+        loop {
+            match self.sent.sock.recv(buf) {
+                Ok(n) => {
+                    let reply = &buf[..n];
+                    if matches(&self.sent.msg, reply) {
+                        let reply = Bytes::copy_from_slice(reply);
+                        return self.replied(reply);
+                    }
+                    debug!(server = ?self.sent.sock.peer_addr().ok(), "discarded a reply that does not match the query");
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::Waiting(self),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Progress::Task(self.failed(UpstreamError::Io(e))),
+            }
+        }
+    }
+
+    /// The client to send the reply to.
+    pub fn client(&self) -> SocketAddr {
+        self.led.client
+    }
+
+    /// No reply within the attempt's time: the next attempt, as a task.
+    pub fn timed_out(self) -> Task {
+        self.failed(UpstreamError::Timeout)
+    }
+
+    /// The socket could not be waited for (`e`): the next attempt, as a task.
+    pub fn failed_with(self, e: io::Error) -> Task {
+        self.failed(UpstreamError::Io(e))
+    }
+
+    fn failed(self, e: UpstreamError) -> Task {
+        let from = match self.led.settings.upstream.received(0, Err(e)) {
+            Err(from) => from,
+            // `received` never takes an error for an answer; to be safe, as a failed attempt.
+            Ok(_) => Resume::after_first(),
+        };
+        self.led.go_on(Next::Resume(from))
+    }
+
+    fn replied(self, reply: Bytes) -> Progress {
+        let Miss { led, sent } = self;
+        if wire::Header::read(&reply).is_some_and(|h| h.has(wire::FLAG_TC)) {
+            return Progress::Task(led.go_on(Next::Truncated(sent, reply)));
+        }
+        drop(sent);
+        let upstream = &led.settings.upstream;
+        let reply = match upstream.received(0, Ok((reply, led.began.elapsed()))) {
+            Ok((reply, _)) => reply,
+            Err(from) => return Progress::Task(led.go_on(Next::Resume(from))),
+        };
+        let h = &led.handler;
+        let Ok(q) = Query::parse(&led.msg) else {
+            return Progress::Task(led.go_on(Next::Reply(reply)));
+        };
+        let Some(flattened) = h.flatten_now(&led.settings, &q, &reply) else {
+            return Progress::Task(led.go_on(Next::Reply(reply)));
+        };
+        let p = h.entry_from(reply, flattened, led.began);
+        match led.finish(p) {
+            Some(out) => Progress::Reply(out),
+            None => Progress::Task(Box::pin(async { None })),
+        }
+    }
+}
+
+impl Led {
+    /// Settles the lookup ([`Handler::settle`]) and renders the client's reply.
+    fn finish(self, p: Produced) -> Option<Vec<u8>> {
+        let h = &self.handler;
+        h.settle(self.key.as_bytes(), self.lead, &p);
+        let q = Query::parse(&self.msg).ok()?;
+        Some(h.reply(&q, self.client, Got::Leader(p), self.started))
+    }
+
+    /// The rest of the miss as a task, from `next`.
+    fn go_on(self, next: Next) -> Task {
+        Box::pin(async move {
+            let s = self.settings.clone();
+            let h = self.handler.clone();
+            let deadline = self.deadline;
+            let q = Query::parse(&self.msg).ok()?;
+            let upstream = &s.upstream;
+            let asked = match next {
+                Next::Resume(from) => upstream.resume(q.wire, false, from, deadline).await,
+                Next::Truncated(sent, reply) => {
+                    let retry = upstream.tcp_retry(sent.server, &sent.msg, reply);
+                    let full = match timeout_at(sent.until, retry).await {
+                        Ok(full) => Ok((full, sent.began.elapsed())),
+                        Err(_) => Err(UpstreamError::Timeout),
+                    };
+                    match upstream.received(0, full) {
+                        Ok(done) => Ok(done),
+                        Err(from) => upstream.resume(q.wire, false, from, deadline).await,
+                    }
+                }
+                Next::Reply(reply) => Ok((reply, SocketAddr::from(([0, 0, 0, 0], 0)))),
+            };
+            let p = h
+                .produced(&s, &q, asked.map(|(r, _)| r), self.began, deadline)
+                .await;
+            self.finish(p)
+        })
+    }
+}
