@@ -8,6 +8,7 @@
 //! moka gets the same lifetime through [`Expiry`] so memory is released when entries die.
 //! `expire_after_update` is overridden: without it a re-inserted key keeps its old deadline.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use moka::Expiry;
 use tokio::time::Instant;
 
 use crate::config::CacheConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{CacheStats, Metrics};
 use crate::response::{clamp_ttl, Prepared};
 use crate::wire::{self, Header, Query};
 
@@ -175,7 +176,9 @@ impl Expiry<Box<[u8]>, Arc<Entry>> for Expire {
 
 /// The bounded answer cache. A size of 0 disables it.
 pub struct Cache {
-    inner: Option<Moka<Box<[u8]>, Arc<Entry>>>,
+    inner: Option<Moka<Box<[u8]>, Arc<Entry>, foldhash::fast::RandomState>>,
+    /// Wire bytes of every answer inserted (for the size estimate in the metrics).
+    inserted_bytes: Arc<AtomicU64>,
     policy: CacheConfig,
     metrics: Arc<Metrics>,
 }
@@ -185,13 +188,11 @@ impl Cache {
         Cache::with_metrics(policy, Arc::new(Metrics::new()))
     }
 
-    /// A cache that counts insertions, evictions, entries and bytes in `metrics`. The entry
-    /// and byte gauges go up on insertion and down in moka's eviction listener, which sees
-    /// every removal (size, expiry, replacement, flush), so they stay exact up to moka's
-    /// batched maintenance.
+    /// A cache that counts its insertions in `metrics` and reports what it holds there when
+    /// scraped ([`Metrics::watch_cache`]). No eviction listener: see `CacheGauges` in
+    /// `metrics.rs` for what one would cost.
     pub fn with_metrics(policy: &CacheConfig, metrics: Arc<Metrics>) -> Cache {
         let inner = (policy.size > 0).then(|| {
-            let m = metrics.clone();
             Moka::builder()
                 .max_capacity(policy.size)
                 // The table sized up front (up to a million entries, ~16 MB of buckets at
@@ -200,20 +201,33 @@ impl Cache {
                 .expire_after(Expire {
                     stale: policy.stale.map_or(Duration::ZERO, |s| s.max_age),
                 })
-                .eviction_listener(move |_k, v: Arc<Entry>, cause| {
-                    use moka::notification::RemovalCause;
-                    match cause {
-                        RemovalCause::Size => m.cache_evictions.inc(),
-                        RemovalCause::Expired => m.cache_expirations.inc(),
-                        RemovalCause::Replaced | RemovalCause::Explicit => 0,
-                    };
-                    m.cache_entries.dec();
-                    m.cache_bytes.dec_by(v.answer.len() as i64);
-                })
-                .build()
+                // Keys are client-chosen names: a per-process random seed, and foldhash
+                // rather than SipHash (the key is hashed on every lookup and insert).
+                .build_with_hasher(foldhash::fast::RandomState::default())
+        });
+        let inserted_bytes = Arc::new(AtomicU64::new(0));
+        let (probe, bytes, m) = (inner.clone(), inserted_bytes.clone(), metrics.clone());
+        let capacity = policy.size;
+        metrics.watch_cache(move || {
+            let entries = probe.as_ref().map_or(0, |c| {
+                c.run_pending_tasks();
+                c.entry_count()
+            });
+            let inserted = m.cache_insertions.get();
+            let mean = bytes
+                .load(Ordering::Relaxed)
+                .checked_div(inserted)
+                .unwrap_or(0);
+            CacheStats {
+                entries,
+                bytes: entries.saturating_mul(mean),
+                capacity,
+                removals: inserted.saturating_sub(entries),
+            }
         });
         Cache {
             inner,
+            inserted_bytes,
             policy: policy.clone(),
             metrics,
         }
@@ -249,8 +263,8 @@ impl Cache {
             }
             if entry.kind != Kind::Uncached {
                 self.metrics.cache_insertions.inc();
-                self.metrics.cache_entries.inc();
-                self.metrics.cache_bytes.inc_by(entry.answer.len() as i64);
+                self.inserted_bytes
+                    .fetch_add(entry.answer.len() as u64, Ordering::Relaxed);
                 c.insert(key.into(), entry);
             }
         }

@@ -8,9 +8,11 @@
 //!
 //! Only misses touch this map; the cache-hit path never does.
 
-use std::collections::hash_map::{DefaultHasher, Entry as MapEntry};
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -37,13 +39,16 @@ impl Slot {
     }
 }
 
-type Shard = Mutex<HashMap<Arc<[u8]>, Arc<Slot>>>;
+/// Keys are client-chosen names: hashed with a per-process random seed (foldhash), so
+/// which keys collide cannot be worked out from outside.
+type Shard = Mutex<HashMap<Arc<[u8]>, Arc<Slot>, RandomState>>;
 
 /// Keys with a query in flight, sharded to keep lock hold times short.
 pub struct Inflight {
     /// Shared with the [`Leader`] guards, which own their query's key and so can move to
     /// whichever thread finishes the lookup.
     shards: Arc<[Shard]>,
+    hasher: RandomState,
     max_waiters: usize,
 }
 
@@ -57,15 +62,16 @@ pub enum Join {
 impl Inflight {
     pub fn new(max_waiters: usize) -> Inflight {
         Inflight {
-            shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..64)
+                .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
+                .collect(),
+            hasher: RandomState::default(),
             max_waiters,
         }
     }
 
     fn shard(&self, key: &[u8]) -> usize {
-        let mut h = DefaultHasher::new();
-        key.hash(&mut h);
-        (h.finish() as usize) % self.shards.len()
+        (self.hasher.hash_one(key) as usize) % self.shards.len()
     }
 
     pub fn join(&self, key: &[u8]) -> Join {

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 /// Counts units per client address, at most `max` each.
 pub struct PerClient {
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    /// Client addresses, hashed with a per-process random seed.
+    counts: Mutex<HashMap<IpAddr, usize, foldhash::fast::RandomState>>,
     max: usize,
 }
 
@@ -21,7 +22,7 @@ pub struct Slot {
 impl PerClient {
     pub fn new(max: usize) -> Arc<PerClient> {
         Arc::new(PerClient {
-            counts: Mutex::new(HashMap::new()),
+            counts: Mutex::new(HashMap::default()),
             max,
         })
     }

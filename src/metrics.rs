@@ -13,7 +13,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +24,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -199,6 +199,66 @@ impl Collector for QueryTable {
     }
 }
 
+/// What the cache holds, read when `/metrics` is scraped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub entries: u64,
+    /// Estimated: entries times the mean size of the answers inserted so far.
+    pub bytes: u64,
+    pub capacity: u64,
+    /// Entries gone again (replaced, evicted for the size bound, expired or flushed):
+    /// insertions minus entries.
+    pub removals: u64,
+}
+
+type Probe = Box<dyn Fn() -> CacheStats + Send + Sync>;
+
+/// The cache's gauges, computed at scrape time from the cache itself.
+///
+/// Why not kept up to date on every change: moka reports removals only to an eviction
+/// listener, and with a listener it takes a per-key lock around every insert (a concurrent
+/// map insert and removal of its own) so that notifications stay ordered. That was an eighth
+/// of a miss's instructions. Without it, moka still knows its entry count exactly once its
+/// pending maintenance has run, which the probe does first.
+#[derive(Default)]
+struct CacheGauges(OnceLock<Probe>);
+
+impl std::fmt::Debug for CacheGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CacheGauges")
+    }
+}
+
+impl Collector for CacheGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(probe) = self.0.get() else {
+            return Ok(());
+        };
+        let s = probe();
+        let gauges = [
+            ("cache_entries", "Entries in the cache.", s.entries),
+            (
+                "cache_size_bytes",
+                "Wire bytes of the answers in the cache, estimated as entries times the mean size of the answers inserted.",
+                s.bytes,
+            ),
+            ("cache_capacity", "The cache's size bound, in entries.", s.capacity),
+        ];
+        for (name, help, v) in gauges {
+            let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let c = ConstCounter::new(s.removals);
+        c.encode(encoder.encode_descriptor(
+            "cache_removals",
+            "Entries removed again: replaced, evicted for the size bound, expired or flushed.",
+            None,
+            c.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
 /// The counters of one upstream or resolver server.
 #[derive(Clone, Debug, Default)]
 pub struct ServerStats {
@@ -227,11 +287,7 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_insertions: Counter,
-    /// Removed to keep the size bound (not expiry).
-    pub cache_evictions: Counter,
-    pub cache_expirations: Counter,
-    pub cache_entries: Gauge,
-    pub cache_bytes: Gauge,
+    cache_gauges: Arc<CacheGauges>,
     pub flattened: Counter,
     fallbacks: Vec<(Skip, Counter)>,
     pub chase_queries: Counter,
@@ -283,22 +339,8 @@ impl Metrics {
         let cache_hits = counter(&mut r, "cache_hits", "Queries answered from the cache.");
         let cache_misses = counter(&mut r, "cache_misses", "Queries that missed the cache.");
         let cache_insertions = counter(&mut r, "cache_insertions", "Answers stored in the cache.");
-        let cache_evictions = counter(
-            &mut r,
-            "cache_evictions",
-            "Entries removed to keep the cache within its size bound.",
-        );
-        let cache_expirations = counter(
-            &mut r,
-            "cache_expirations",
-            "Entries removed because their lifetime (and any serve-stale window) ended.",
-        );
-        let cache_entries = gauge(&mut r, "cache_entries", "Entries in the cache.");
-        let cache_bytes = gauge(
-            &mut r,
-            "cache_size_bytes",
-            "Wire bytes of the answers in the cache (the messages, not the overhead).",
-        );
+        let cache_gauges = Arc::new(CacheGauges::default());
+        r.register_collector(Box::new(cache_gauges.clone()));
         let flattened = counter(
             &mut r,
             "flattened",
@@ -385,10 +427,7 @@ impl Metrics {
             cache_hits,
             cache_misses,
             cache_insertions,
-            cache_evictions,
-            cache_expirations,
-            cache_entries,
-            cache_bytes,
+            cache_gauges,
             flattened,
             fallbacks,
             chase_queries,
@@ -405,6 +444,11 @@ impl Metrics {
             upstream_errors,
             upstream_latency,
         }
+    }
+
+    /// Where the cache gauges come from (the first cache to ask keeps them).
+    pub fn watch_cache(&self, probe: impl Fn() -> CacheStats + Send + Sync + 'static) {
+        let _ = self.cache_gauges.0.set(Box::new(probe));
     }
 
     /// Counts one answered query.

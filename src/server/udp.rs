@@ -166,7 +166,7 @@ struct Misses {
 #[derive(Default)]
 struct Table {
     next: usize,
-    waiting: HashMap<usize, Miss>,
+    waiting: HashMap<usize, Miss, foldhash::fast::RandomState>,
     /// Every miss's timeout, soonest first; an entry whose miss is done is skipped.
     deadlines: BinaryHeap<Reverse<(Instant, usize)>>,
 }

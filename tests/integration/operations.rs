@@ -115,6 +115,9 @@ async fn metrics_move_with_real_queries() {
     assert_eq!(get(&m, "flatdns_cache_insertions_total"), 6.0);
     assert_eq!(get(&m, "flatdns_cache_entries"), 6.0);
     assert!(get(&m, "flatdns_cache_size_bytes") > 6.0 * 40.0);
+    assert_eq!(get(&m, "flatdns_cache_removals_total"), 0.0);
+    let size = p.running.as_ref().unwrap().handler().config().cache.size;
+    assert_eq!(get(&m, "flatdns_cache_capacity"), size as f64);
     let up_key = |what: &str| format!(r#"flatdns_{what}{{role="upstream",server="{}"}}"#, up.addr);
     let res_key =
         |what: &str| format!(r#"flatdns_{what}{{role="resolver",server="{}"}}"#, res.addr);
@@ -359,6 +362,14 @@ c.example. 300 IN CNAME www.example.",
     flush.cache.flush_on_reload = true;
     flush.allow = vec!["192.0.2.0/24".parse().unwrap()];
     assert!(h.reload(flush).flushed);
+    // The flushed entries count as removals; the gauges are read from the cache itself.
+    let m = samples(&h.metrics().render());
+    assert_eq!(get(&m, "flatdns_cache_entries"), 0.0);
+    assert!(get(&m, "flatdns_cache_removals_total") >= 1.0);
+    assert_eq!(
+        get(&m, "flatdns_cache_removals_total"),
+        get(&m, "flatdns_cache_insertions_total")
+    );
     assert_eq!(p.udp(&Q::new("www.example.", A)).await.rcode(), 5);
     let mut open = new;
     open.cache.flush_on_reload = true;
