@@ -70,6 +70,22 @@ pub enum Fast {
     Miss,
 }
 
+/// What [`Handler::fast`] did.
+// Returned and matched at once, on the stack: boxing the key would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Fasted<'m> {
+    Done(Fast),
+    Miss(Missed<'m>),
+}
+
+/// A query that missed the cache: the scan, the key (none for a query that is never shared,
+/// such as one with ECS), and when it arrived (for the query log).
+struct Missed<'m> {
+    q: Query<'m>,
+    key: Option<Key>,
+    started: Option<std::time::Instant>,
+}
+
 /// What a leader produced for its key: the entry to share, and the upstream's own reply when
 /// the answer is passed through (the leader's client gets those bytes unchanged, F5).
 struct Produced {
@@ -339,10 +355,24 @@ impl Handler {
         transport: Transport,
         out: &mut Vec<u8>,
     ) -> Fast {
+        match self.fast(msg, client, transport, out) {
+            Fasted::Done(f) => f,
+            Fasted::Miss(_) => Fast::Miss,
+        }
+    }
+
+    /// [`Handler::answer_fast`], handing a miss on with what was worked out for it.
+    fn fast<'m>(
+        &self,
+        msg: &'m [u8],
+        client: SocketAddr,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> Fasted<'m> {
         let started = self.query_log.then(std::time::Instant::now);
         let Some(header) = wire::Header::read(msg).filter(|h| !h.has(wire::FLAG_QR)) else {
             self.metrics.dropped.inc();
-            return Fast::Drop;
+            return Fasted::Done(Fast::Drop);
         };
         if !self.settings.load().allowed(client.ip()) {
             debug!(%client, "refused by ACL");
@@ -357,7 +387,7 @@ impl Handler {
                     self.done(transport, client, None, out, Served::LOCAL, started);
                 }
             }
-            return Fast::Reply;
+            return Fasted::Done(Fast::Reply);
         }
         if header.opcode() != wire::OPCODE_QUERY {
             // Before the question is checked: BIND answers an unknown opcode NOTIMP whatever
@@ -371,18 +401,18 @@ impl Handler {
             let opt = wire::find_opt(msg).and_then(|e| response::opt_for(&e, 0));
             response::error(header.id, header.flags, None, rcode, opt, out);
             self.done(transport, client, None, out, Served::LOCAL, started);
-            return Fast::Reply;
+            return Fasted::Done(Fast::Reply);
         }
         let q = match Query::parse(msg) {
             Ok(q) => q,
             Err(QueryError::Drop) => {
                 self.metrics.dropped.inc();
-                return Fast::Drop;
+                return Fasted::Done(Fast::Drop);
             }
             Err(QueryError::FormErr { question_ok }) => {
                 formerr(msg, question_ok, out);
                 self.done(transport, client, None, out, Served::LOCAL, started);
-                return Fast::Reply;
+                return Fasted::Done(Fast::Reply);
             }
         };
         if q.edns.is_some_and(|e| e.version != 0) {
@@ -390,16 +420,17 @@ impl Handler {
             let opt = response::own_opt(&q, wire::EXT_RCODE_BADVERS);
             response::error(q.id(), q.header.flags, Some(q.question()), 0, opt, out);
             self.done(transport, client, Some(&q), out, Served::LOCAL, started);
-            return Fast::Reply;
+            return Fasted::Done(Fast::Reply);
         }
         if q.qtype == wire::TYPE_ANY && transport == Transport::Udp {
             // RFC 8482 4.4 allows TC=1 over UDP; a retry over TCP gets the upstream's answer.
             let flags = response::reply_flags(q.header.flags);
             response::truncated(q.id(), flags, q.question(), response::own_opt(&q, 0), out);
             self.done(transport, client, Some(&q), out, Served::LOCAL, started);
-            return Fast::Reply;
+            return Fasted::Done(Fast::Reply);
         }
-        if let Some(key) = Key::for_query(&q) {
+        let key = Key::for_query(&q);
+        if let Some(key) = &key {
             let now = Instant::now();
             if let Some(e) = self.cache.get(key.as_bytes(), now) {
                 let limit = self.limit(&q, transport);
@@ -413,11 +444,11 @@ impl Handler {
                         flattened: e.kind == Kind::Flattened,
                     };
                     self.done(transport, client, Some(&q), out, served, started);
-                    return Fast::Reply;
+                    return Fasted::Done(Fast::Reply);
                 }
             }
         }
-        Fast::Miss
+        Fasted::Miss(Missed { q, key, started })
     }
 
     /// The whole pipeline. Returns the reply to send, or `None` to send nothing.

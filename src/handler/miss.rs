@@ -29,10 +29,12 @@ use crate::upstream::{matches, Resume, Sent};
 /// A reply-producing task for the listener to spawn; `None`: send nothing.
 pub type Task = Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send + 'static>>;
 
-/// What [`Handler::start_miss`] did.
+/// What [`Handler::answer_udp`] did.
 pub enum Started {
-    /// `out` holds the reply (a local failure: too many pending queries, in-flight limit).
+    /// `out` holds the reply (from the cache, or a local one).
     Reply,
+    /// Send nothing.
+    Drop,
     /// The first attempt is on its way: wait for [`Miss::socket`] to be readable, or for
     /// [`Miss::until`].
     Sent(Miss),
@@ -85,20 +87,34 @@ enum Next {
 }
 
 impl Handler {
-    /// Starts a UDP query that [`Handler::answer_fast`] found missing from the cache.
-    pub fn start_miss(
+    /// A UDP query, from the listener's receive thread: answered from the cache (steps 1-4,
+    /// [`Handler::answer_fast`]), or started as a miss. Never waits.
+    pub fn answer_udp(
         self: &Arc<Self>,
         msg: &[u8],
         client: SocketAddr,
         out: &mut Vec<u8>,
     ) -> Started {
+        match self.fast(msg, client, Transport::Udp, out) {
+            Fasted::Done(Fast::Reply) => Started::Reply,
+            Fasted::Done(Fast::Drop) => Started::Drop,
+            Fasted::Done(Fast::Miss) => Started::Async,
+            Fasted::Miss(missed) => self.start_miss(missed, client, out),
+        }
+    }
+
+    /// Starts a UDP query that missed the cache.
+    fn start_miss(
+        self: &Arc<Self>,
+        missed: Missed<'_>,
+        client: SocketAddr,
+        out: &mut Vec<u8>,
+    ) -> Started {
+        let Missed { q, key, started } = missed;
         if self.trace.is_some() {
             return Started::Async;
         }
-        let Ok(q) = Query::parse(msg) else {
-            return Started::Async;
-        };
-        let Some(key) = Key::for_query(&q) else {
+        let Some(key) = key else {
             return Started::Async;
         };
         let s = self.settings.load_full();
@@ -109,7 +125,6 @@ impl Handler {
             return Started::Async;
         }
         // From here on as in `answer` and `resolve`.
-        let started = self.query_log.then(std::time::Instant::now);
         self.metrics.cache_misses.inc();
         let Some(pending) = self.pending.acquire(client.ip()) else {
             debug!(%client, "pending-per-client limit reached");
@@ -124,11 +139,12 @@ impl Handler {
             );
             return Started::Reply;
         };
-        let deadline = Instant::now() + self.config.limits.client_deadline;
+        let now = Instant::now();
+        let deadline = now + self.config.limits.client_deadline;
         let lead = match self.role(key.as_bytes()) {
             Role::Lead(lead) => lead,
             Role::Wait(w) => {
-                let (h, msg) = (self.clone(), Bytes::copy_from_slice(msg));
+                let (h, msg) = (self.clone(), Bytes::copy_from_slice(q.wire));
                 return Started::Task(Box::pin(async move {
                     let _pending = pending;
                     let got = match timeout_at(deadline, w.wait()).await {
@@ -146,12 +162,12 @@ impl Handler {
         };
         let led = Box::new(Led {
             handler: self.clone(),
-            msg: Bytes::copy_from_slice(msg),
+            msg: Bytes::copy_from_slice(q.wire),
             client,
             key,
             lead,
             _pending: pending,
-            began: Instant::now(),
+            began: now,
             deadline,
             started,
             settings: s,
@@ -162,7 +178,7 @@ impl Handler {
                 let from = match led.settings.upstream.received(0, Err(e.into())) {
                     Err(from) => from,
                     // Not for an error; to be safe, as a failed first attempt.
-                    Ok(_) => return Started::Async,
+                    Ok(_) => Resume::after_first(),
                 };
                 Started::Task(led.go_on(Next::Resume(from)))
             }
@@ -263,7 +279,7 @@ impl Miss {
     }
 
     fn replied(self, reply: Bytes) -> Progress {
-        let Miss { led, sent } = self;
+        let Miss { mut led, sent } = self;
         if wire::Header::read(&reply).is_some_and(|h| h.has(wire::FLAG_TC)) {
             return Progress::Task(led.go_on(Next::Truncated(sent, reply)));
         }
@@ -273,28 +289,29 @@ impl Miss {
             Ok((reply, _)) => reply,
             Err(from) => return Progress::Task(led.go_on(Next::Resume(from))),
         };
-        let h = &led.handler;
-        let Ok(q) = Query::parse(&led.msg) else {
+        // Taken out for the one scan both steps below use (put back if a task goes on).
+        let msg = std::mem::take(&mut led.msg);
+        let Ok(q) = Query::parse(&msg) else {
+            led.msg = msg;
             return Progress::Task(led.go_on(Next::Reply(reply)));
         };
+        let h = led.handler.clone();
         let Some(flattened) = h.flatten_now(&led.settings, &q, &reply) else {
+            led.msg = msg;
             return Progress::Task(led.go_on(Next::Reply(reply)));
         };
         let p = h.entry_from(reply, flattened, led.began);
-        match led.finish(p) {
-            Some(out) => Progress::Reply(out),
-            None => Progress::Task(Box::pin(async { None })),
-        }
+        Progress::Reply(led.finish(p, &q))
     }
 }
 
 impl Led {
-    /// Settles the lookup ([`Handler::settle`]) and renders the client's reply.
-    fn finish(self, p: Produced) -> Option<Vec<u8>> {
+    /// Settles the lookup ([`Handler::settle`]) and renders the client's reply to `q` (the
+    /// scan of this miss's query).
+    fn finish(self, p: Produced, q: &Query<'_>) -> Vec<u8> {
         let h = &self.handler;
         h.settle(self.key.as_bytes(), self.lead, &p);
-        let q = Query::parse(&self.msg).ok()?;
-        Some(h.reply(&q, self.client, Got::Leader(p), self.started))
+        h.reply(q, self.client, Got::Leader(p), self.started)
     }
 
     /// The rest of the miss as a task, from `next`.
@@ -323,7 +340,9 @@ impl Led {
             let p = h
                 .produced(&s, &q, asked.map(|(r, _)| r), self.began, deadline)
                 .await;
-            self.finish(p)
+            let msg = self.msg.clone();
+            let q = Query::parse(&msg).ok()?;
+            Some(self.finish(p, &q))
         })
     }
 }

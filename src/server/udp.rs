@@ -124,33 +124,31 @@ pub fn serve(
             }
         };
         let msg = &buf[..n];
-        match handler.answer_fast(msg, src, Transport::Udp, &mut out) {
-            Fast::Reply => send(&sock, &out, src),
-            Fast::Drop => {}
-            Fast::Miss => {
-                let started = match &misses {
-                    Some(_) => handler.start_miss(msg, src, &mut out),
-                    None => Started::Async,
-                };
-                match (started, &misses) {
-                    (Started::Reply, _) => send(&sock, &out, src),
-                    (Started::Sent(miss), Some(misses)) => {
-                        if let Err((miss, e)) = misses.add(miss) {
-                            listener.spawn(miss.failed_with(e), src);
-                        }
-                    }
-                    (Started::Task(task), _) => listener.spawn(task, src),
-                    (Started::Sent(_), None) | (Started::Async, _) => {
-                        let msg = Bytes::copy_from_slice(msg);
-                        let h = handler.clone();
-                        // The pipeline's future (about 3 KB) is boxed once, so the task
-                        // itself stays small: tokio moves a task's whole future by value when
-                        // it creates the task and again when the task finishes.
-                        let task: Task =
-                            Box::pin(async move { h.answer(msg, src, Transport::Udp).await });
-                        listener.spawn(task, src);
-                    }
+        let started = match &misses {
+            Some(_) => handler.answer_udp(msg, src, &mut out),
+            None => match handler.answer_fast(msg, src, Transport::Udp, &mut out) {
+                Fast::Reply => Started::Reply,
+                Fast::Drop => Started::Drop,
+                Fast::Miss => Started::Async,
+            },
+        };
+        match (started, &misses) {
+            (Started::Reply, _) => send(&sock, &out, src),
+            (Started::Drop, _) => {}
+            (Started::Sent(miss), Some(misses)) => {
+                if let Err((miss, e)) = misses.add(miss) {
+                    listener.spawn(miss.failed_with(e), src);
                 }
+            }
+            (Started::Task(task), _) => listener.spawn(task, src),
+            (Started::Sent(_), None) | (Started::Async, _) => {
+                let msg = Bytes::copy_from_slice(msg);
+                let h = handler.clone();
+                // The pipeline's future (about 3 KB) is boxed once, so the task itself stays
+                // small: tokio moves a task's whole future by value when it creates the task
+                // and again when the task finishes.
+                let task: Task = Box::pin(async move { h.answer(msg, src, Transport::Udp).await });
+                listener.spawn(task, src);
             }
         }
     }
