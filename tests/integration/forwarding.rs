@@ -591,3 +591,77 @@ async fn a_64_kib_upstream_answer_is_flattened_over_tcp() {
         .await;
     assert!(r.tc() && r.answer.is_empty());
 }
+
+/// Many UDP misses at once, each finished by the listener's reply thread (some after a
+/// delay, some on a second attempt after a dropped first one): every client gets its own
+/// answer, and afterwards nothing is left held (in-flight gauge, pending slots, coalescing).
+#[tokio::test]
+async fn many_concurrent_udp_misses_are_answered_and_nothing_stays_held() {
+    let mut zone =
+        String::from("many.test. 3600 IN SOA ns.many.test. h.many.test. 1 3600 600 86400 300\n");
+    for i in 0..300 {
+        zone.push_str(&format!(
+            "n{i}.many.test. 300 IN A 10.0.{}.{}\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    let mock = Mock::start(&zone).await;
+    for i in (0..300).step_by(7) {
+        mock.set(
+            &format!("n{i}.many.test."),
+            Behavior::Delay(Duration::from_millis(150)),
+        );
+    }
+    // A second upstream for the names the first drops: their first attempt times out.
+    let second = Mock::start(&zone).await;
+    for i in (3..300).step_by(50) {
+        mock.set(&format!("n{i}.many.test."), Behavior::Drop);
+    }
+    let proxy = Proxy::start(&[mock.addr, second.addr], |c| {
+        c.timeout = Duration::from_millis(300);
+        c.attempts = 2;
+        c.limits.pending_per_client = 1000;
+    })
+    .await;
+    let addr = proxy.addr;
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            tokio::spawn(async move {
+                let q = Q::new(&format!("n{i}.many.test."), A);
+                let reply = udp_exchange(addr, &q.wire(), Duration::from_secs(3)).await;
+                (i, reply)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (i, reply) = t.await.unwrap();
+        let reply = reply.unwrap_or_else(|| panic!("n{i}: no answer"));
+        assert_eq!(
+            R::parse(&reply).answer_no_ttl(),
+            vec![format!("n{i}.many.test. A 10.0.{}.{}", i / 256, i % 256)],
+            "n{i}"
+        );
+    }
+    assert_eq!(
+        second.total(),
+        6,
+        "only the dropped names went to the second upstream"
+    );
+    let h = proxy.running.as_ref().unwrap().handler().clone();
+    assert_eq!(h.cache().entry_count(), 300);
+    let text = h.metrics().render();
+    let gauge = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(gauge("flatdns_inflight"), 0.0);
+    // Every pending slot and in-flight key was given back: the same names again are hits,
+    // and new names for the same client are still taken on.
+    for i in [0, 3, 7, 299] {
+        let q = Q::new(&format!("n{i}.many.test."), A);
+        assert_eq!(proxy.udp(&q).await.answer.len(), 1);
+    }
+    assert_eq!(mock.total() + second.total(), 300 + 6);
+}
