@@ -47,7 +47,7 @@ SCENARIO_TITLES = {
     "miss": "miss (every name new, plain A)",
     "fmiss": "flattened miss (every name new, CNAME->A)",
 }
-PROXIES = ["flatdns", "dnsdist", "unbound", "echo"]
+PROXIES = ["flatdns", "dnsdist", "unbound", "echo", "floor"]
 
 
 def cmd_ports(n):
@@ -359,6 +359,14 @@ def cmd_report(d, out_json):
         if s == "fhot" and "flatdns_over_dnsdist_hot" in row:
             ratio += f" ({fmt(row['flatdns_over_dnsdist_hot'], 2)} vs dnsdist hot)"
         out.append(f"| {SCENARIO_TITLES[s]} | " + " | ".join(cells) + f" | {ratio} |")
+    if "floor" in proxies:
+        out.append("")
+        out.append("floor: a C forwarder that does nothing but send each query upstream on a fresh "
+                   "connected socket with a fresh random ID, as R2 requires and flatdns does for a miss "
+                   "(no cache, so every scenario is a miss for it): the least a miss can cost under R2.")
+        if "miss" in summary and "floor" in summary["miss"] and "dnsdist" in summary["miss"]:
+            f, d = summary["miss"]["floor"], summary["miss"]["dnsdist"]
+            out.append(f"floor/dnsdist on misses: {f['median_us_per_query'] / d['median_us_per_query']:.2f}.")
     if spread_flag:
         out.append("")
         out.append("† the rounds differ by more than 25% (max/min): noise moved this median; see the spread.")
