@@ -80,6 +80,9 @@ pub struct Link {
 /// State of one chain across the messages that answer parts of it.
 #[derive(Debug, Clone)]
 pub struct Chain {
+    /// The name the chain starts at (lowercased wire name).
+    start: Vec<u8>,
+    /// Every target so far, in order (the start is not repeated here).
     visited: Vec<Vec<u8>>,
     pub links: Vec<Link>,
     pub min_ttl: u32,
@@ -89,12 +92,30 @@ pub struct Chain {
 impl Chain {
     /// A chain starting at `start` (lowercased wire name), following at most `max_hops` CNAMEs.
     pub fn new(start: &[u8], max_hops: usize) -> Chain {
+        Chain::starting_at(start.to_vec(), max_hops)
+    }
+
+    /// [`Chain::new`] taking the start name as it is.
+    pub fn starting_at(start: Vec<u8>, max_hops: usize) -> Chain {
         Chain {
-            visited: vec![start.to_vec()],
+            start,
+            // Empty until the first link: most answers have no chain, and an empty Vec costs
+            // no allocation.
+            visited: Vec::new(),
             links: Vec::new(),
             min_ttl: u32::MAX,
             max_hops,
         }
+    }
+
+    /// The name the chain starts at.
+    pub fn start(&self) -> &[u8] {
+        &self.start
+    }
+
+    /// Whether `name` is already on the chain (the start or a target).
+    fn visits(&self, name: &[u8]) -> bool {
+        self.start == name || self.visited.iter().any(|v| v == name)
     }
     pub fn hops(&self) -> usize {
         self.links.len()
@@ -103,8 +124,8 @@ impl Chain {
     /// Adds a link that no message holds: an ALIAS from the chain's current end to `target`,
     /// with the same loop and length checks as a CNAME.
     pub fn push_alias(&mut self, target: &[u8], ttl: u32) -> Result<(), Skip> {
-        let owner = self.visited.last().cloned().unwrap_or_default();
-        if self.visited.iter().any(|v| v == target) {
+        let owner = self.visited.last().unwrap_or(&self.start).clone();
+        if self.visits(target) {
             return Err(Skip::Loop);
         }
         if self.links.len() >= self.max_hops {
@@ -140,29 +161,45 @@ fn sane_ttl(ttl: u32) -> u32 {
     }
 }
 
+/// Whether the answer section of `msg` holds a CNAME of class IN; `None` if `msg` does not
+/// scan. Decompresses nothing and allocates nothing.
+pub fn any_cname(msg: &[u8]) -> Option<bool> {
+    let mut any = false;
+    wire::walk_records(msg, |r| {
+        any |= r.section == wire::Section::Answer
+            && r.rtype == wire::TYPE_CNAME
+            && r.class == wire::CLASS_IN;
+    })
+    .ok()?;
+    Some(any)
+}
+
 /// Follows the chain from `start` through the answer section of `msg`.
 ///
 /// Names are read with [`wire::read_name`], a bounded decompressor (backward pointers only,
 /// 255 octets at most), straight from the wire: no message model is built for this walk.
 pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
+    // Most answers hold no CNAME: then there is no chain to walk, and no need to decompress
+    // a single name (or to allocate anything) to know it. A continuing chain (a chase
+    // answer) walks on: it found its records already, or has none.
+    if chain.links.is_empty() {
+        match any_cname(msg) {
+            None => return Step::Fail(Skip::Malformed),
+            Some(false) => return Step::Fail(Skip::NoChain),
+            Some(true) => {}
+        }
+    }
     let mut cnames: Vec<Link> = Vec::new();
     let mut finals: Vec<(Vec<u8>, Rr)> = Vec::new();
-    let mut any_cname = false;
     let mut records = Vec::new();
     if wire::walk_records(msg, |r| {
         if r.section == wire::Section::Answer {
-            any_cname |= r.rtype == wire::TYPE_CNAME && r.class == wire::CLASS_IN;
             records.push(r.clone());
         }
     })
     .is_err()
     {
         return Step::Fail(Skip::Malformed);
-    }
-    // Most answers hold no CNAME: then there is no chain to walk, and no need to decompress
-    // a single name to know it (a continuing chain found its records already, or has none).
-    if !any_cname && chain.links.is_empty() {
-        return Step::Fail(Skip::NoChain);
     }
     // Every name of the question and answer sections must decompress, whatever record it
     // owns: a message with one unreadable name is malformed as a whole (R20).
@@ -220,7 +257,7 @@ pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
                 if finals.iter().any(|(o, _)| *o == cur) {
                     return Step::Fail(Skip::Ambiguous);
                 }
-                if chain.visited.contains(&link.target) {
+                if chain.visits(&link.target) {
                     return Step::Fail(Skip::Loop);
                 }
                 if chain.links.len() >= chain.max_hops {

@@ -782,7 +782,8 @@ impl Handler {
         reply: &[u8],
         deadline: Instant,
     ) -> Result<(Vec<u8>, u32), Fallback> {
-        let (start, mut chain, mut step, nodata) = self.chain_start(s, q, reply)?;
+        let (mut chain, mut step, nodata) = self.chain_start(s, q, reply)?;
+        let start = chain.start().to_vec();
         let mut zone_alias = false;
         if step == Step::Fail(Skip::NoChain) && nodata && s.alias_from_zone {
             // NODATA: an ALIAS record in the zone may stand there (a static A/AAAA wins, as
@@ -813,7 +814,7 @@ impl Handler {
         q: &Query<'_>,
         reply: &[u8],
     ) -> Option<Result<(Vec<u8>, u32), Fallback>> {
-        let (_, chain, step, nodata) = match self.chain_start(s, q, reply) {
+        let (chain, step, nodata) = match self.chain_start(s, q, reply) {
             Ok(started) => started,
             Err(fallback) => return Some(Err(fallback)),
         };
@@ -837,7 +838,7 @@ impl Handler {
         s: &Settings,
         q: &Query<'_>,
         reply: &[u8],
-    ) -> Result<(Vec<u8>, Chain, Step, bool), Fallback> {
+    ) -> Result<(Chain, Step, bool), Fallback> {
         let mut start = Vec::with_capacity(q.qname().len());
         wire::push_lower(&mut start, q.qname());
         let plain = |skip| Fallback { skip, cap: None };
@@ -862,10 +863,18 @@ impl Handler {
         if !flatten::is_noerror(reply) {
             return Err(plain(Skip::NotNoError));
         }
-        let mut chain = Chain::new(&start, s.flatten.max_chain);
-        let step = flatten::follow(reply, &start, q.qtype, &mut chain);
+        let mut chain = Chain::starting_at(start, s.flatten.max_chain);
+        // The common case, no CNAME at all, without the walk's copy of the start name.
+        let step = match flatten::any_cname(reply) {
+            None => Step::Fail(Skip::Malformed),
+            Some(false) => Step::Fail(Skip::NoChain),
+            Some(true) => {
+                let start = chain.start().to_vec();
+                flatten::follow(reply, &start, q.qtype, &mut chain)
+            }
+        };
         let nodata = wire::Header::read(reply).is_some_and(|h| h.ancount == 0);
-        Ok((start, chain, step, nodata))
+        Ok((chain, step, nodata))
     }
 
     /// The last part: the flattened answer from the completed chain.
