@@ -287,6 +287,8 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_insertions: Counter,
+    /// Not cached: the cache was full and the name new to it (`Cache`'s doorkeeper).
+    pub cache_skipped: Counter,
     cache_gauges: Arc<CacheGauges>,
     pub flattened: Counter,
     fallbacks: Vec<(Skip, Counter)>,
@@ -339,6 +341,11 @@ impl Metrics {
         let cache_hits = counter(&mut r, "cache_hits", "Queries answered from the cache.");
         let cache_misses = counter(&mut r, "cache_misses", "Queries that missed the cache.");
         let cache_insertions = counter(&mut r, "cache_insertions", "Answers stored in the cache.");
+        let cache_skipped = counter(
+            &mut r,
+            "cache_skipped",
+            "Answers not cached because the cache was full and their name had not missed it lately (cached from its next miss on).",
+        );
         let cache_gauges = Arc::new(CacheGauges::default());
         r.register_collector(Box::new(cache_gauges.clone()));
         let flattened = counter(
@@ -427,6 +434,7 @@ impl Metrics {
             cache_hits,
             cache_misses,
             cache_insertions,
+            cache_skipped,
             cache_gauges,
             flattened,
             fallbacks,

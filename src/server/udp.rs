@@ -98,6 +98,7 @@ pub fn serve(
             let misses = Arc::new(Misses {
                 table: Mutex::new(Table::default()),
                 registry,
+                alive: AtomicBool::new(true),
             });
             let (m, l, r) = (misses.clone(), listener.clone(), receiving.clone());
             listener
@@ -124,7 +125,8 @@ pub fn serve(
             }
         };
         let msg = &buf[..n];
-        let started = match &misses {
+        let fast = misses.as_ref().filter(|m| m.alive.load(Ordering::Relaxed));
+        let started = match fast {
             Some(_) => handler.answer_udp(msg, src, &mut out),
             None => match handler.answer_fast(msg, src, Transport::Udp, &mut out) {
                 Fast::Reply => Started::Reply,
@@ -132,7 +134,7 @@ pub fn serve(
                 Fast::Miss => Started::Async,
             },
         };
-        match (started, &misses) {
+        match (started, fast) {
             (Started::Reply, _) => send(&sock, &out, src),
             (Started::Drop, _) => {}
             (Started::Sent(miss), Some(misses)) => {
@@ -159,6 +161,8 @@ pub fn serve(
 struct Misses {
     table: Mutex<Table>,
     registry: Registry,
+    /// Cleared (under the table lock) if the reply thread stops: misses then run as tasks.
+    alive: AtomicBool,
 }
 
 #[derive(Default)]
@@ -178,6 +182,9 @@ impl Misses {
     /// cannot see the socket's event before the miss is in the table.
     fn add(&self, miss: Miss) -> Result<(), (Miss, io::Error)> {
         let mut t = self.lock();
+        if !self.alive.load(Ordering::Relaxed) {
+            return Err((miss, io::Error::other("the reply thread has stopped")));
+        }
         let token = t.next;
         t.next = t.next.wrapping_add(1);
         let fd = miss.socket().as_raw_fd();
@@ -211,7 +218,19 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
             .min(POLL);
         if let Err(e) = poll.poll(&mut events, Some(wait)) {
             if e.kind() != io::ErrorKind::Interrupted {
-                error!(error = %e, "udp reply thread failed");
+                error!(error = %e, "udp reply thread failed; misses on this socket run as tasks");
+                // Nothing is left behind: every waiting miss goes on as a task (its next
+                // attempt), and the receive thread sends no more misses here.
+                let waiting: Vec<Miss> = {
+                    let mut t = misses.lock();
+                    misses.alive.store(false, Ordering::Relaxed);
+                    t.deadlines.clear();
+                    t.waiting.drain().map(|(_, m)| m).collect()
+                };
+                for miss in waiting {
+                    let client = miss.client();
+                    listener.spawn(miss.failed_with(io::Error::other(e.to_string())), client);
+                }
                 break;
             }
         }
