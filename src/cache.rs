@@ -185,10 +185,14 @@ impl Expiry<Box<[u8]>, Arc<Entry>> for Expire {
 /// not cache at all when full. Here a name seen before does get in, so a name asked twice
 /// is cached from its second miss on, and moka's TinyLFU still decides what it replaces.
 ///
-/// Every insert marks its key too, so an entry that expires and is fetched again is still
-/// known. The filter holds 8 bits per cache entry (at least 4,096 bits, at most 2^27: 16 MiB)
-/// and is cleared once 1/8 of its bits are set, so it remembers at least as many names as the
-/// cache holds, and a false "seen" (at most 1 in 8) just lets that answer in.
+/// Every insert marks its key too, and a key moka still holds is replaced whatever the
+/// filter says, so an entry that is refreshed is normally still known. Under a flood that
+/// clears the filter often, an expired entry's refresh can be skipped once (its next miss
+/// caches it), and so can a name's first failure (R8) or negative answer (R7).
+///
+/// The filter holds 8 bits per cache entry (at least 4,096 bits, at most 2^27: 16 MiB) and is
+/// cleared once 1/8 of its bits are set, so it remembers at least as many names as the cache
+/// holds (up to 16.7M entries), and a false "seen" (at most 1 in 8) just lets that answer in.
 struct Doorkeeper {
     bits: Box<[AtomicU64]>,
     mask: u64,
@@ -265,14 +269,21 @@ impl Cache {
                 .build_with_hasher(foldhash::fast::RandomState::default())
         });
         let inserted_bytes = Arc::new(AtomicU64::new(0));
-        let (probe, bytes, m) = (inner.clone(), inserted_bytes.clone(), metrics.clone());
+        // The insertion counter, not the whole `Metrics`: that owns this closure (no cycle).
+        let (probe, bytes, insertions) = (
+            inner.clone(),
+            inserted_bytes.clone(),
+            metrics.cache_insertions.clone(),
+        );
         let capacity = policy.size;
+        // Inserts can land between the two reads below: the counter never goes back.
+        let removed = AtomicU64::new(0);
         metrics.watch_cache(move || {
             let entries = probe.as_ref().map_or(0, |c| {
                 c.run_pending_tasks();
                 c.entry_count()
             });
-            let inserted = m.cache_insertions.get();
+            let inserted = insertions.get();
             let mean = bytes
                 .load(Ordering::Relaxed)
                 .checked_div(inserted)
@@ -281,7 +292,9 @@ impl Cache {
                 entries,
                 bytes: entries.saturating_mul(mean),
                 capacity,
-                removals: inserted.saturating_sub(entries),
+                removals: removed
+                    .fetch_max(inserted.saturating_sub(entries), Ordering::Relaxed)
+                    .max(inserted.saturating_sub(entries)),
             }
         });
         Cache {
@@ -323,7 +336,8 @@ impl Cache {
             }
             if entry.kind != Kind::Uncached {
                 let seen = self.doorkeeper.seen(key);
-                if !seen && c.entry_count() >= self.policy.size {
+                // A key moka still holds is a replacement: it evicts nothing.
+                if !seen && c.entry_count() >= self.policy.size && !c.contains_key(key) {
                     self.metrics.cache_skipped.inc();
                     return;
                 }
@@ -532,6 +546,14 @@ mod tests {
         c.insert(&key(3), entry());
         assert_eq!(c.metrics.cache_skipped.get(), 1);
         assert!(c.get(&key(3), now).is_some());
+        // Nor is it once the filter has forgotten it: moka still holds it, so it is a
+        // replacement, which evicts nothing.
+        for w in c.doorkeeper.bits.iter() {
+            w.store(0, Ordering::Relaxed);
+        }
+        c.insert(&key(4), entry());
+        assert_eq!(c.metrics.cache_skipped.get(), 1);
+        assert_eq!(c.metrics.cache_insertions.get(), 13);
     }
 
     #[test]

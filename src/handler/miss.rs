@@ -82,6 +82,8 @@ enum Next {
     Resume(Resume),
     /// A TC=1 reply to attempt 0: retry over TCP.
     Truncated(Sent, Bytes),
+    /// Attempt 0 is out: wait for its reply here.
+    Wait(Sent),
     /// The upstream's reply is in; flattening needs a lookup.
     Reply(Bytes),
 }
@@ -174,6 +176,10 @@ impl Handler {
         });
         match led.settings.upstream.send_udp(0, q.wire, deadline) {
             Ok(sent) => Started::Sent(Miss { led, sent }),
+            // Not sent, not counted: attempt 0 again, from a task that can wait to send.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Started::Task(led.go_on(Next::Resume(Resume::START)))
+            }
             Err(e) => {
                 let from = match led.settings.upstream.received(0, Err(e.into())) {
                     Err(from) => from,
@@ -264,9 +270,10 @@ impl Miss {
         self.failed(UpstreamError::Timeout)
     }
 
-    /// The socket could not be waited for (`e`): the next attempt, as a task.
-    pub fn failed_with(self, e: io::Error) -> Task {
-        self.failed(UpstreamError::Io(e))
+    /// The whole miss as a task, still waiting for attempt 0 on the same socket (when the
+    /// reply thread cannot take it).
+    pub fn into_task(self) -> Task {
+        self.led.go_on(Next::Wait(self.sent))
     }
 
     fn failed(self, e: UpstreamError) -> Task {
@@ -325,12 +332,36 @@ impl Led {
             let asked = match next {
                 Next::Resume(from) => upstream.resume(q.wire, false, from, deadline).await,
                 Next::Truncated(sent, reply) => {
-                    let retry = upstream.tcp_retry(sent.server, &sent.msg, reply);
-                    let full = match timeout_at(sent.until, retry).await {
-                        Ok(full) => Ok((full, sent.began.elapsed())),
+                    let Sent {
+                        sock,
+                        msg,
+                        server,
+                        began,
+                        until,
+                    } = sent;
+                    // The UDP socket is done with: closed now, not after the TCP retry.
+                    drop(sock);
+                    let got = attempt_rest(upstream, server, &msg, began, until, Ok(reply)).await;
+                    match upstream.received(0, got) {
+                        Ok(done) => Ok(done),
+                        Err(from) => upstream.resume(q.wire, false, from, deadline).await,
+                    }
+                }
+                Next::Wait(sent) => {
+                    let Sent {
+                        sock,
+                        msg,
+                        server,
+                        began,
+                        until,
+                    } = sent;
+                    let waited = crate::upstream::wait_udp(sock, &msg);
+                    let reply = match timeout_at(until, waited).await {
+                        Ok(r) => r,
                         Err(_) => Err(UpstreamError::Timeout),
                     };
-                    match upstream.received(0, full) {
+                    let got = attempt_rest(upstream, server, &msg, began, until, reply).await;
+                    match upstream.received(0, got) {
                         Ok(done) => Ok(done),
                         Err(from) => upstream.resume(q.wire, false, from, deadline).await,
                     }
@@ -345,4 +376,27 @@ impl Led {
             Some(self.finish(p, &q))
         })
     }
+}
+
+/// The rest of attempt 0 once its UDP exchange ended (`reply`): a TC=1 reply is retried over
+/// TCP within the attempt's time, as `Upstream::query_from` does. The outcome with how long
+/// the attempt took, for [`crate::upstream::Upstream::received`].
+async fn attempt_rest(
+    upstream: &crate::upstream::Upstream,
+    server: usize,
+    msg: &[u8],
+    began: Instant,
+    until: Instant,
+    reply: Result<Bytes, UpstreamError>,
+) -> Result<(Bytes, Duration), UpstreamError> {
+    let reply = match reply {
+        Ok(r) if wire::Header::read(&r).is_some_and(|h| h.has(wire::FLAG_TC)) => {
+            match timeout_at(until, upstream.tcp_retry(server, msg, r)).await {
+                Ok(full) => Ok(full),
+                Err(_) => Err(UpstreamError::Timeout),
+            }
+        }
+        other => other,
+    };
+    reply.map(|r| (r, began.elapsed()))
 }

@@ -93,12 +93,16 @@ pub fn serve(
         rt,
     };
     let receiving = Arc::new(AtomicBool::new(true));
+    // However this thread ends (a panic included), the reply thread learns it may stop.
+    let _receiving = Lower(receiving.clone());
     let misses = match Poll::new().and_then(|poll| Ok((poll.registry().try_clone()?, poll))) {
         Ok((registry, poll)) => {
             let misses = Arc::new(Misses {
                 table: Mutex::new(Table::default()),
                 registry,
-                alive: AtomicBool::new(true),
+                // Set by the reply thread once it runs: until then (or if the blocking pool
+                // never gets to it) misses run as tasks.
+                alive: AtomicBool::new(false),
             });
             let (m, l, r) = (misses.clone(), listener.clone(), receiving.clone());
             listener
@@ -139,7 +143,8 @@ pub fn serve(
             (Started::Drop, _) => {}
             (Started::Sent(miss), Some(misses)) => {
                 if let Err((miss, e)) = misses.add(miss) {
-                    listener.spawn(miss.failed_with(e), src);
+                    debug!(error = %e, "miss handed to a task");
+                    listener.spawn(miss.into_task(), src);
                 }
             }
             (Started::Task(task), _) => listener.spawn(task, src),
@@ -154,7 +159,15 @@ pub fn serve(
             }
         }
     }
-    receiving.store(false, Ordering::Release);
+}
+
+/// Clears a flag when dropped.
+struct Lower(Arc<AtomicBool>);
+
+impl Drop for Lower {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// The misses of one listener socket waiting for their first upstream reply, by token.
@@ -204,6 +217,12 @@ impl Misses {
 /// and their timeouts, until the receive thread has stopped and no miss is left. A miss's
 /// socket leaves the epoll set when the miss drops it (closing it), so no deregistration.
 fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: Arc<AtomicBool>) {
+    misses.alive.store(true, Ordering::Relaxed);
+    // However this thread ends, no miss is left behind (see `Stopped`).
+    let _stopped = Stopped {
+        misses: misses.clone(),
+        listener: listener.clone(),
+    };
     let mut events = Events::with_capacity(256);
     let mut buf = vec![0u8; 65_535];
     let mut expired = Vec::new();
@@ -219,18 +238,6 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
         if let Err(e) = poll.poll(&mut events, Some(wait)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 error!(error = %e, "udp reply thread failed; misses on this socket run as tasks");
-                // Nothing is left behind: every waiting miss goes on as a task (its next
-                // attempt), and the receive thread sends no more misses here.
-                let waiting: Vec<Miss> = {
-                    let mut t = misses.lock();
-                    misses.alive.store(false, Ordering::Relaxed);
-                    t.deadlines.clear();
-                    t.waiting.drain().map(|(_, m)| m).collect()
-                };
-                for miss in waiting {
-                    let client = miss.client();
-                    listener.spawn(miss.failed_with(io::Error::other(e.to_string())), client);
-                }
                 break;
             }
         }
@@ -270,6 +277,28 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
         }
         if !receiving.load(Ordering::Acquire) && misses.lock().waiting.is_empty() {
             break;
+        }
+    }
+}
+
+/// Dropped when the reply thread ends, normally or not: the receive thread stops handing it
+/// misses, and every miss still waiting goes on as a task that waits for the same socket.
+struct Stopped {
+    misses: Arc<Misses>,
+    listener: Listener,
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let waiting: Vec<Miss> = {
+            let mut t = self.misses.lock();
+            self.misses.alive.store(false, Ordering::Relaxed);
+            t.deadlines.clear();
+            t.waiting.drain().map(|(_, m)| m).collect()
+        };
+        for miss in waiting {
+            let client = miss.client();
+            self.listener.spawn(miss.into_task(), client);
         }
     }
 }

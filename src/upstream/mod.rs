@@ -188,9 +188,17 @@ impl Upstream {
         let mut msg = query.to_vec();
         wire::put_u16(&mut msg, 0, rand::random::<u16>());
         let began = Instant::now();
+        let sock = udp_socket(server);
+        let sent = sock.and_then(|s| s.send(&msg).map(|_| s));
+        // EAGAIN (a full buffer: memory pressure) is not the server's fault: the caller retries
+        // the attempt as a task, which waits until the socket is writable, and counts it then.
+        if let Err(e) = &sent {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+        }
         self.stats[index].queries.inc();
-        let sock = udp_socket(server)?;
-        sock.send(&msg)?;
+        let sock = sent?;
         Ok(Sent {
             sock: sock.into(),
             msg,
@@ -265,7 +273,7 @@ pub struct Resume {
 }
 
 impl Resume {
-    const START: Resume = Resume {
+    pub const START: Resume = Resume {
         attempt: 0,
         fallback: None,
         last_err: UpstreamError::Timeout,
@@ -343,6 +351,19 @@ async fn udp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamE
     if !sent {
         sock.send(msg).await?;
     }
+    recv_matching(&sock, msg).await
+}
+
+/// Waits on `sock`, a socket from [`Upstream::send_udp`] whose query (`msg`) is out, for the
+/// matching reply (R3): the listener's miss path hands a miss over to a task this way.
+pub async fn wait_udp(sock: std::net::UdpSocket, msg: &[u8]) -> Result<Bytes, UpstreamError> {
+    let sock = UdpSocket::from_std(sock)?;
+    recv_matching(&sock, msg).await
+}
+
+/// The first datagram on `sock` that answers `msg`; the others are discarded.
+async fn recv_matching(sock: &UdpSocket, msg: &[u8]) -> Result<Bytes, UpstreamError> {
+    let server = sock.peer_addr().ok();
     loop {
         sock.readable().await?;
         // Received into this thread's 64 KiB buffer, then copied at its exact length: a miss
@@ -355,7 +376,7 @@ async fn udp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamE
         });
         match got {
             Ok(Some(reply)) => return Ok(reply),
-            Ok(None) => debug!(%server, "discarded a reply that does not match the query"),
+            Ok(None) => debug!(?server, "discarded a reply that does not match the query"),
             // Readiness was stale (tokio has cleared it): wait again.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e.into()),
