@@ -400,3 +400,97 @@ async fn attempt_rest(
     };
     reply.map(|r| (r, began.elapsed()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `x.test. A` with ID 0x1234, RD, no EDNS.
+    fn query() -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x01x\x04test\x00\x00\x01\x00\x01");
+        q
+    }
+
+    /// A one-shot upstream on loopback: answers the first query with `x.test. 300 A
+    /// 192.0.2.1` after `delay`.
+    async fn upstream(delay: Duration) -> SocketAddr {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            tokio::time::sleep(delay).await;
+            let mut reply = buf[..n].to_vec();
+            reply[2] |= 0x80; // QR
+            reply[7] = 1; // ANCOUNT
+            reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 192, 0, 2, 1]);
+            let _ = sock.send_to(&reply, from).await;
+        });
+        addr
+    }
+
+    /// A miss the reply thread cannot take goes on as a task that waits on the very socket
+    /// its first attempt went out on: the client gets the answer, and it is cached.
+    #[tokio::test]
+    async fn a_miss_handed_to_a_task_still_gets_its_first_reply() {
+        let up = upstream(Duration::from_millis(50)).await;
+        let config = Config::for_test("127.0.0.1:0".parse().unwrap(), vec![up]);
+        let h = Arc::new(Handler::new(config));
+        let client: SocketAddr = "127.0.0.1:5300".parse().unwrap();
+        let mut out = Vec::new();
+        let Started::Sent(miss) = h.answer_udp(&query(), client, &mut out) else {
+            panic!("expected the first attempt to go out");
+        };
+        assert_eq!(miss.client(), client);
+        let reply = timeout_at(Instant::now() + Duration::from_secs(5), miss.into_task())
+            .await
+            .expect("answered in time")
+            .expect("a reply");
+        let header = wire::Header::read(&reply).unwrap();
+        assert_eq!((header.id, header.rcode(), header.ancount), (0x1234, 0, 1));
+        assert_eq!(&reply[reply.len() - 4..], &[192, 0, 2, 1]);
+        // One attempt, answered: nothing moved on to another, and the answer is cached.
+        let text = h.metrics().render();
+        let count = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        };
+        assert_eq!(count("flatdns_upstream_queries_total"), Some(1), "{text}");
+        assert_eq!(count("flatdns_upstream_timeouts_total"), Some(0), "{text}");
+        assert!(matches!(
+            h.answer_fast(&query(), client, Transport::Udp, &mut out),
+            Fast::Reply
+        ));
+    }
+
+    /// The same when the reply takes longer than the attempt's time: the task times out
+    /// attempt 0 and counts it once (one server, so no attempt follows).
+    #[tokio::test]
+    async fn a_handed_over_miss_times_out_like_any_attempt() {
+        let up = upstream(Duration::from_secs(10)).await;
+        let mut config = Config::for_test("127.0.0.1:0".parse().unwrap(), vec![up]);
+        config.timeout = Duration::from_millis(200);
+        config.attempts = 1;
+        let h = Arc::new(Handler::new(config));
+        let client: SocketAddr = "127.0.0.1:5300".parse().unwrap();
+        let mut out = Vec::new();
+        let Started::Sent(miss) = h.answer_udp(&query(), client, &mut out) else {
+            panic!("expected the first attempt to go out");
+        };
+        let reply = miss.into_task().await.expect("a reply");
+        assert_eq!(
+            wire::Header::read(&reply).unwrap().rcode(),
+            wire::RCODE_SERVFAIL
+        );
+        let text = h.metrics().render();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("flatdns_upstream_timeouts_total") && l.ends_with(" 1")),
+            "{text}"
+        );
+    }
+}
