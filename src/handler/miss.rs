@@ -1,6 +1,6 @@
 //! A UDP miss without a runtime task, for the common case.
 //!
-//! The listener's receive thread starts the miss itself ([`Handler::start_miss`]): the same
+//! The listener's receive thread starts the miss itself ([`Handler::answer_udp`]): the same
 //! checks and bookkeeping as [`Handler::answer`] (pending slot, coalescing, in-flight
 //! permit), then the first upstream attempt goes out on a fresh connected socket (R2), and
 //! the [`Miss`] is handed to the listener's reply thread, which waits for that socket with
@@ -18,6 +18,8 @@
 //! ALIAS lookup, a TC=1 reply, a timeout or failure that moves on to the next attempt) goes
 //! on as an ordinary task from where the miss stood, through the same code as
 //! [`Handler::answer`]: the fast path only decides who runs the steps, never what they do.
+//! A miss the reply thread cannot take ([`Miss::into_task`]) becomes a task that waits on
+//! the same socket, so its first attempt is neither lost nor counted as a failure.
 
 use std::future::Future;
 use std::io;
