@@ -82,10 +82,8 @@ struct Led {
 enum Next {
     /// At the given attempt.
     Resume(Resume),
-    /// A TC=1 reply to attempt 0: retry over TCP.
-    Truncated(Sent, Bytes),
-    /// Attempt 0 is out: wait for its reply here.
-    Wait(Sent),
+    /// Attempt 0 is out: with its TC=1 reply (retried over TCP), or to be waited for here.
+    Attempt(Sent, Option<Bytes>),
     /// The upstream's reply is in; flattening needs a lookup.
     Reply(Bytes),
 }
@@ -275,7 +273,7 @@ impl Miss {
     /// The whole miss as a task, still waiting for attempt 0 on the same socket (when the
     /// reply thread cannot take it).
     pub fn into_task(self) -> Task {
-        self.led.go_on(Next::Wait(self.sent))
+        self.led.go_on(Next::Attempt(self.sent, None))
     }
 
     fn failed(self, e: UpstreamError) -> Task {
@@ -290,7 +288,7 @@ impl Miss {
     fn replied(self, reply: Bytes) -> Progress {
         let Miss { mut led, sent } = self;
         if wire::Header::read(&reply).is_some_and(|h| h.has(wire::FLAG_TC)) {
-            return Progress::Task(led.go_on(Next::Truncated(sent, reply)));
+            return Progress::Task(led.go_on(Next::Attempt(sent, Some(reply))));
         }
         drop(sent);
         let upstream = &led.settings.upstream;
@@ -333,7 +331,7 @@ impl Led {
             let upstream = &s.upstream;
             let asked = match next {
                 Next::Resume(from) => upstream.resume(q.wire, false, from, deadline).await,
-                Next::Truncated(sent, reply) => {
+                Next::Attempt(sent, udp_reply) => {
                     let Sent {
                         sock,
                         msg,
@@ -341,26 +339,19 @@ impl Led {
                         began,
                         until,
                     } = sent;
-                    // The UDP socket is done with: closed now, not after the TCP retry.
-                    drop(sock);
-                    let got = attempt_rest(upstream, server, &msg, began, until, Ok(reply)).await;
-                    match upstream.received(0, got) {
-                        Ok(done) => Ok(done),
-                        Err(from) => upstream.resume(q.wire, false, from, deadline).await,
-                    }
-                }
-                Next::Wait(sent) => {
-                    let Sent {
-                        sock,
-                        msg,
-                        server,
-                        began,
-                        until,
-                    } = sent;
-                    let waited = crate::upstream::wait_udp(sock, &msg);
-                    let reply = match timeout_at(until, waited).await {
-                        Ok(r) => r,
-                        Err(_) => Err(UpstreamError::Timeout),
+                    let reply = match udp_reply {
+                        // TC=1: the UDP socket is done with, closed before the TCP retry.
+                        Some(reply) => {
+                            drop(sock);
+                            Ok(reply)
+                        }
+                        None => {
+                            let waited = crate::upstream::wait_udp(sock, &msg);
+                            match timeout_at(until, waited).await {
+                                Ok(r) => r,
+                                Err(_) => Err(UpstreamError::Timeout),
+                            }
+                        }
                     };
                     let got = attempt_rest(upstream, server, &msg, began, until, reply).await;
                     match upstream.received(0, got) {
