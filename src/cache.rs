@@ -491,6 +491,16 @@ mod tests {
         r
     }
 
+    /// NOERROR with one `x. A 192.0.2.1`.
+    fn answer_a(ttl: u32) -> Vec<u8> {
+        msg(
+            wire::RCODE_NOERROR,
+            &[rr(wire::TYPE_A, ttl, &[192, 0, 2, 1])],
+            &[],
+            &[],
+        )
+    }
+
     fn soa(ttl: u32, minimum: u32) -> Vec<u8> {
         let mut rd = vec![0, 0]; // mname ".", rname "."
         for v in [1u32, 3600, 600, 86400, minimum] {
@@ -517,12 +527,7 @@ mod tests {
     #[test]
     fn a_full_cache_takes_a_name_on_its_second_miss_only() {
         let c = policy();
-        let m = msg(
-            wire::RCODE_NOERROR,
-            &[rr(wire::TYPE_A, 600, &[192, 0, 2, 1])],
-            &[],
-            &[],
-        );
+        let m = answer_a(600);
         let now = Instant::now();
         let entry = || Arc::new(c.entry_for(&m, now, None).unwrap());
         let key = |i: u32| format!("name{i}").into_bytes();
@@ -584,12 +589,7 @@ mod tests {
     #[test]
     fn caps_bound_the_lifetime_and_failures_get_the_failure_ttl() {
         let c = policy();
-        let m = msg(
-            wire::RCODE_NOERROR,
-            &[rr(wire::TYPE_A, 600, &[192, 0, 2, 1])],
-            &[],
-            &[],
-        );
+        let m = answer_a(600);
         let now = Instant::now();
         let e = c.entry_for(&m, now, Some(5)).unwrap();
         assert_eq!(e.expires, now + Duration::from_secs(5));
