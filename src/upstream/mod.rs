@@ -251,15 +251,9 @@ impl Upstream {
     /// Retries over TCP a query whose UDP reply (`truncated`) had TC=1, on the same server
     /// ([`Sent::server`]); a failed retry passes the truncated reply on (never cached).
     pub async fn tcp_retry(&self, server: usize, msg: &[u8], truncated: Bytes) -> Bytes {
-        let Some(pool) = self.pools.get(server) else {
-            return truncated;
-        };
-        match pool.query(msg).await {
-            Ok(full) => full,
-            Err(e) => {
-                debug!(error = %e, "TCP retry failed, passing TC on");
-                truncated
-            }
+        match (self.pools.get(server), self.servers.get(server)) {
+            (Some(pool), Some(&addr)) => retry_over_tcp(addr, pool, msg, truncated).await,
+            _ => truncated,
         }
     }
 }
@@ -320,18 +314,28 @@ async fn exchange(
     wire::put_u16(&mut msg, 0, rand::random::<u16>());
     let reply = udp_exchange(server, &msg).await?;
     if Header::read(&reply).is_some_and(|h| h.has(wire::FLAG_TC)) {
-        debug!(%server, "truncated over UDP, retrying over TCP");
-        // Same attempt, same deadline; the pool sets a fresh ID.
-        return match tcp_pool.query(&msg).await {
-            Ok(full) => Ok(full),
-            // TCP failed: pass the truncated reply on (it is never cached).
-            Err(e) => {
-                debug!(%server, error = %e, "TCP retry failed, passing TC on");
-                Ok(reply)
-            }
-        };
+        return Ok(retry_over_tcp(server, tcp_pool, &msg, reply).await);
     }
     Ok(reply)
+}
+
+/// The TCP retry of a query (`msg`) whose UDP reply was `truncated`: same attempt, same
+/// deadline (the caller's), and the pool sets a fresh ID. If TCP fails, the truncated reply is
+/// passed on (it is never cached).
+async fn retry_over_tcp(
+    server: SocketAddr,
+    pool: &pool::Pool,
+    msg: &[u8],
+    truncated: Bytes,
+) -> Bytes {
+    debug!(%server, "truncated over UDP, retrying over TCP");
+    match pool.query(msg).await {
+        Ok(full) => full,
+        Err(e) => {
+            debug!(%server, error = %e, "TCP retry failed, passing TC on");
+            truncated
+        }
+    }
 }
 
 async fn udp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamError> {
