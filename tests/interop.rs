@@ -1552,6 +1552,13 @@ struct Exchange {
     records: Vec<String>,
 }
 
+impl Exchange {
+    /// (role, server, question), the parts most assertions compare at once.
+    fn asked(&self) -> (&str, Option<&str>, &str) {
+        (&self.role, self.server.as_deref(), &self.question)
+    }
+}
+
 /// Runs `flatdns explain ARGS` (bounded).
 fn explain_raw(args: &[&str]) -> Explained {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flatdns"));
@@ -1932,11 +1939,7 @@ fn explain_partial_chain_shows_the_upstream_and_the_resolver() {
     let ex = e.exchanges();
     assert_eq!(ex.len(), 2, "{out}");
     assert_eq!(
-        (
-            ex[0].role.as_str(),
-            ex[0].server.as_deref(),
-            ex[0].question.as_str()
-        ),
+        ex[0].asked(),
         ("upstream", Some(bind.as_str()), "www.example.test. A"),
         "{out}"
     );
@@ -1947,11 +1950,7 @@ fn explain_partial_chain_shows_the_upstream_and_the_resolver() {
         "{out}"
     );
     assert_eq!(
-        (
-            ex[1].role.as_str(),
-            ex[1].server.as_deref(),
-            ex[1].question.as_str()
-        ),
+        ex[1].asked(),
         (
             "resolver",
             Some(unbound.as_str()),
@@ -2032,11 +2031,7 @@ fn explain_partial_chain_shows_the_upstream_and_the_resolver() {
         "{out}"
     );
     assert_eq!(
-        (
-            ex[1].role.as_str(),
-            ex[1].server.as_deref(),
-            ex[1].question.as_str()
-        ),
+        ex[1].asked(),
         ("resolver", Some(unbound.as_str()), "hop1.elsewhere.test. A"),
         "{out}"
     );
@@ -2132,11 +2127,7 @@ fn explain_looping_chain_is_not_flattened() {
         "{out}"
     );
     assert_eq!(
-        (
-            ex[1].role.as_str(),
-            ex[1].server.as_deref(),
-            ex[1].question.as_str()
-        ),
+        ex[1].asked(),
         ("resolver", Some(unbound.as_str()), "sv.elsewhere.test. A"),
         "{out}"
     );
@@ -2243,11 +2234,7 @@ fn explain_aliases_config_and_zone_stored() {
     let ex = e.exchanges();
     assert_eq!(ex.len(), 1, "the upstream is not asked:\n{out}");
     assert_eq!(
-        (
-            ex[0].role.as_str(),
-            ex[0].server.as_deref(),
-            ex[0].question.as_str()
-        ),
+        ex[0].asked(),
         (
             "resolver",
             Some(res.as_str()),
@@ -2345,22 +2332,14 @@ fn explain_aliases_config_and_zone_stored() {
     let ex = e.exchanges();
     assert_eq!(ex.len(), 3, "{out}");
     assert_eq!(
-        (
-            ex[0].role.as_str(),
-            ex[0].server.as_deref(),
-            ex[0].question.as_str()
-        ),
+        ex[0].asked(),
         ("upstream", Some(bind.as_str()), "zone.test. A"),
         "{out}"
     );
     assert_eq!(ex[0].outcome, "NOERROR", "{out}");
     assert!(ex[0].records.is_empty(), "{out}");
     assert_eq!(
-        (
-            ex[1].role.as_str(),
-            ex[1].server.as_deref(),
-            ex[1].question.as_str()
-        ),
+        ex[1].asked(),
         ("upstream", Some(bind.as_str()), "zone.test. TYPE65401"),
         "{out}"
     );
@@ -2370,11 +2349,7 @@ fn explain_aliases_config_and_zone_stored() {
         "{out}"
     );
     assert_eq!(
-        (
-            ex[2].role.as_str(),
-            ex[2].server.as_deref(),
-            ex[2].question.as_str()
-        ),
+        ex[2].asked(),
         ("resolver", Some(res.as_str()), "target.elsewhere.test. A"),
         "{out}"
     );
