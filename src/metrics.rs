@@ -505,16 +505,9 @@ const MAX_CONNECTIONS: usize = 16;
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut shutdown: Shutdown) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.recv() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    debug!(error = %e, "metrics accept");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = crate::server::accept(&listener, &mut shutdown, "metrics").await
+        else {
+            break;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(%peer, "metrics connection limit reached");

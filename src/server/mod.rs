@@ -9,6 +9,8 @@
 mod tcp;
 mod udp;
 
+pub(crate) use tcp::accept;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;

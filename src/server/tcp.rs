@@ -27,6 +27,30 @@ use crate::handler::{Fast, Handler, Transport};
 use crate::limit::PerClient;
 use crate::shutdown::Shutdown;
 
+/// The next connection on `listener`, or `None` once `shutdown` fires. An accept error
+/// (EMFILE/ENFILE, an aborted handshake) is per-connection trouble: logged, a short back-off
+/// instead of spinning (unless the handshake was merely aborted), and the listener goes on.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    shutdown: &mut Shutdown,
+    what: &'static str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return None,
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    debug!(error = %e, what, "accept");
+                    if !matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            },
+        }
+    }
+}
+
 pub async fn serve(
     listener: TcpListener,
     handler: Arc<Handler>,
@@ -37,20 +61,8 @@ pub async fn serve(
     let conns = Arc::new(Semaphore::new(limits.tcp_connections));
     let per_client = PerClient::new(limits.tcp_per_client);
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.recv() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE/ENFILE and aborted handshakes are per-connection trouble: back off
-                    // briefly instead of spinning, and keep listening.
-                    debug!(error = %e, "tcp accept");
-                    if !matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted) {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = accept(&listener, &mut shutdown, "tcp").await else {
+            break;
         };
         let Ok(permit) = conns.clone().try_acquire_owned() else {
             debug!(%peer, "tcp connection limit reached");
