@@ -17,7 +17,7 @@
 //! with MSG_DONTWAIT, so a full send buffer drops that reply instead of stalling a thread.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -182,8 +182,71 @@ struct Misses {
 struct Table {
     next: usize,
     waiting: HashMap<usize, Miss, foldhash::fast::RandomState>,
-    /// Every miss's timeout, soonest first; an entry whose miss is done is skipped.
-    deadlines: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Every miss's timeout; an entry whose miss is done is skipped.
+    deadlines: Deadlines,
+}
+
+impl Table {
+    /// Drops the deadlines of misses that are done from the front, so the reply thread sleeps
+    /// until the oldest miss still waiting times out rather than waking for every miss
+    /// answered since.
+    fn drop_done(&mut self) {
+        let waiting = &self.waiting;
+        self.deadlines.skip(|token| !waiting.contains_key(&token));
+    }
+}
+
+/// Timeouts, soonest first. Misses are registered in the order they are sent, each with the
+/// same attempt timeout, so deadlines nearly always arrive in order: those go to a FIFO
+/// (O(1), and the front is the next to expire). One earlier than the last queued (the
+/// timeout was shortened by a reload) goes to a heap instead.
+#[derive(Default)]
+struct Deadlines {
+    fifo: VecDeque<(Instant, usize)>,
+    early: BinaryHeap<Reverse<(Instant, usize)>>,
+}
+
+impl Deadlines {
+    fn push(&mut self, at: Instant, token: usize) {
+        match self.fifo.back() {
+            Some(&(last, _)) if at < last => self.early.push(Reverse((at, token))),
+            _ => self.fifo.push_back((at, token)),
+        }
+    }
+
+    /// The soonest deadline.
+    fn peek(&self) -> Option<(Instant, usize)> {
+        let fifo = self.fifo.front().copied();
+        let early = self.early.peek().map(|Reverse(d)| *d);
+        match (fifo, early) {
+            (Some(f), Some(e)) => Some(f.min(e)),
+            (f, e) => f.or(e),
+        }
+    }
+
+    fn pop(&mut self) -> Option<(Instant, usize)> {
+        let first = self.peek()?;
+        if self.fifo.front() == Some(&first) {
+            self.fifo.pop_front()
+        } else {
+            self.early.pop().map(|Reverse(d)| d)
+        }
+    }
+
+    /// Pops deadlines from the front while `done` says their miss is over.
+    fn skip(&mut self, done: impl Fn(usize) -> bool) {
+        while let Some((_, token)) = self.peek() {
+            if !done(token) {
+                break;
+            }
+            self.pop();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.fifo.clear();
+        self.early.clear();
+    }
 }
 
 impl Misses {
@@ -207,7 +270,7 @@ impl Misses {
         {
             return Err((miss, e));
         }
-        t.deadlines.push(Reverse((miss.until(), token)));
+        t.deadlines.push(miss.until(), token);
         t.waiting.insert(token, miss);
         Ok(())
     }
@@ -227,13 +290,13 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
     let mut buf = vec![0u8; 65_535];
     let mut expired = Vec::new();
     loop {
-        let wait = misses
-            .lock()
-            .deadlines
-            .peek()
-            .map_or(POLL, |Reverse((at, _))| {
-                at.saturating_duration_since(Instant::now())
-            })
+        let next = {
+            let mut t = misses.lock();
+            t.drop_done();
+            t.deadlines.peek()
+        };
+        let wait = next
+            .map_or(POLL, |(at, _)| at.saturating_duration_since(Instant::now()))
             .min(POLL);
         if let Err(e) = poll.poll(&mut events, Some(wait)) {
             if e.kind() != io::ErrorKind::Interrupted {
@@ -261,7 +324,7 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
         let now = Instant::now();
         {
             let mut t = misses.lock();
-            while let Some(&Reverse((at, token))) = t.deadlines.peek() {
+            while let Some((at, token)) = t.deadlines.peek() {
                 if at > now {
                     break;
                 }
@@ -315,5 +378,56 @@ fn send_nonblocking(sock: &UdpSocket, msg: &[u8], to: SocketAddr) {
 fn send(sock: &UdpSocket, msg: &[u8], to: SocketAddr) {
     if let Err(e) = sock.send_to(msg, to) {
         debug!(error = %e, %to, "udp send");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_come_out_soonest_first_in_or_out_of_order() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut d = Deadlines::default();
+        // In order (the FIFO), then earlier ones after a shortened timeout (the heap).
+        for (ms, token) in [
+            (10, 1),
+            (20, 2),
+            (30, 3),
+            (15, 4),
+            (12, 5),
+            (40, 6),
+            (35, 7),
+        ] {
+            d.push(at(ms), token);
+        }
+        assert_eq!(d.fifo.len(), 4);
+        assert_eq!(d.peek(), Some((at(10), 1)));
+        let order: Vec<usize> = std::iter::from_fn(|| d.pop().map(|(_, t)| t)).collect();
+        assert_eq!(order, [1, 5, 4, 2, 3, 7, 6]);
+        assert_eq!(d.peek(), None);
+        d.push(at(1), 8);
+        d.clear();
+        assert_eq!(d.pop(), None);
+    }
+
+    #[test]
+    fn done_misses_leave_the_front_of_the_deadlines() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::default();
+        for token in 0..5 {
+            d.push(t0 + Duration::from_millis(token as u64), token);
+        }
+        // 0, 1 and 3 are answered: the front goes up to 2, which still waits.
+        d.skip(|token| [0, 1, 3].contains(&token));
+        assert_eq!(d.peek(), Some((t0 + Duration::from_millis(2), 2)));
+        d.skip(|_| false);
+        assert_eq!(d.fifo.len(), 3);
+        let mut t = Table::default();
+        t.deadlines = d;
+        // Nothing waits in an empty table: every deadline goes.
+        t.drop_done();
+        assert_eq!(t.deadlines.peek(), None);
     }
 }
