@@ -424,8 +424,10 @@ mod tests {
         assert_eq!(d.peek(), Some((t0 + Duration::from_millis(2), 2)));
         d.skip(|_| false);
         assert_eq!(d.fifo.len(), 3);
-        let mut t = Table::default();
-        t.deadlines = d;
+        let mut t = Table {
+            deadlines: d,
+            ..Table::default()
+        };
         // Nothing waits in an empty table: every deadline goes.
         t.drop_done();
         assert_eq!(t.deadlines.peek(), None);
