@@ -189,20 +189,12 @@ pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
             Some(true) => {}
         }
     }
-    let mut cnames: Vec<Link> = Vec::new();
-    let mut finals: Vec<(Vec<u8>, Rr)> = Vec::new();
-    let mut records = Vec::new();
-    if wire::walk_records(msg, |r| {
-        if r.section == wire::Section::Answer {
-            records.push(r.clone());
-        }
-    })
-    .is_err()
-    {
-        return Step::Fail(Skip::Malformed);
-    }
-    // Every name of the question and answer sections must decompress, whatever record it
-    // owns: a message with one unreadable name is malformed as a whole (R20).
+    // One scan: every name of the question and answer sections must decompress, whatever
+    // record it owns, since a message with one unreadable name is malformed as a whole (R20).
+    // The owners (and CNAME targets) of the records that can be on the chain are kept,
+    // lowercased, in one buffer; nothing else is copied until the chain is known.
+    let mut names: Vec<u8> = Vec::with_capacity(256);
+    let mut found: Vec<Found> = Vec::with_capacity(8);
     let mut name = Vec::with_capacity(32);
     let mut pos = HEADER_LEN;
     for _ in 0..Header::read(msg).map_or(0, |h| h.qdcount) {
@@ -211,68 +203,92 @@ pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
             Err(_) => return Step::Fail(Skip::Malformed),
         }
     }
-    for r in records {
+    let mut malformed = false;
+    let walked = wire::walk_records(msg, |r| {
+        if malformed || r.section != wire::Section::Answer {
+            return;
+        }
         if wire::read_name(msg, r.start, &mut name).is_err() {
-            return Step::Fail(Skip::Malformed);
+            malformed = true;
+            return;
         }
         if r.class != wire::CLASS_IN || (r.rtype != wire::TYPE_CNAME && r.rtype != qtype) {
-            continue;
+            return;
         }
-        let owner = name.clone();
-        let ttl = sane_ttl(r.ttl(msg));
-        if r.rtype == wire::TYPE_CNAME {
+        let want = match r.rtype {
+            wire::TYPE_CNAME => 0,
+            wire::TYPE_A => 4,
+            wire::TYPE_AAAA => 16,
+            _ => return,
+        };
+        let owner = names.len()..names.len() + name.len();
+        names.extend_from_slice(&name);
+        let mut target = 0..0;
+        if want == 0 {
             // The target must fill the RDATA exactly (RFC 1035 3.3.1).
-            let mut target = Vec::with_capacity(32);
-            match wire::read_name(msg, r.rdata.start, &mut target) {
+            match wire::read_name(msg, r.rdata.start, &mut name) {
                 Ok(end) if end == r.rdata.end => {}
-                _ => return Step::Fail(Skip::Malformed),
+                _ => {
+                    malformed = true;
+                    return;
+                }
             }
-            cnames.push(Link { owner, target, ttl });
-        } else {
-            let want = match r.rtype {
-                wire::TYPE_A => 4,
-                wire::TYPE_AAAA => 16,
-                _ => continue,
-            };
-            let Some(rdata) = msg.get(r.rdata.clone()).filter(|d| d.len() == want) else {
-                return Step::Fail(Skip::Malformed);
-            };
-            finals.push((
-                owner,
-                Rr {
-                    rtype: r.rtype,
-                    ttl,
-                    rdata: rdata.to_vec(),
-                },
-            ));
+            target = names.len()..names.len() + name.len();
+            names.extend_from_slice(&name);
+        } else if r.rdata.len() != want {
+            malformed = true;
+            return;
         }
+        found.push(Found {
+            rtype: r.rtype,
+            ttl: sane_ttl(r.ttl(msg)),
+            owner,
+            target,
+            rdata: r.rdata.clone(),
+        });
+    });
+    if walked.is_err() || malformed {
+        return Step::Fail(Skip::Malformed);
     }
 
+    let at = |f: &Found, cname: bool, cur: &[u8]| {
+        (f.rtype == wire::TYPE_CNAME) == cname && names[f.owner.clone()] == *cur
+    };
     let mut cur = start.to_vec();
     loop {
-        let mut at_cur = cnames.iter().filter(|l| l.owner == cur);
+        let mut at_cur = found.iter().filter(|f| at(f, true, &cur));
         match (at_cur.next(), at_cur.next()) {
             (Some(_), Some(_)) => return Step::Fail(Skip::Ambiguous),
             (Some(link), None) => {
-                if finals.iter().any(|(o, _)| *o == cur) {
+                if found.iter().any(|f| at(f, false, &cur)) {
                     return Step::Fail(Skip::Ambiguous);
                 }
-                if chain.visits(&link.target) {
+                let target = &names[link.target.clone()];
+                if chain.visits(target) {
                     return Step::Fail(Skip::Loop);
                 }
                 if chain.links.len() >= chain.max_hops {
                     return Step::Fail(Skip::TooLong);
                 }
-                chain.visited.push(link.target.clone());
+                chain.visited.push(target.to_vec());
                 chain.min_ttl = chain.min_ttl.min(link.ttl);
-                chain.links.push(link.clone());
-                cur = link.target.clone();
+                chain.links.push(Link {
+                    owner: names[link.owner.clone()].to_vec(),
+                    target: target.to_vec(),
+                    ttl: link.ttl,
+                });
+                cur.clear();
+                cur.extend_from_slice(target);
             }
             (None, _) => {
-                let rrs: Vec<Rr> = finals
+                let rrs: Vec<Rr> = found
                     .iter()
-                    .filter(|(o, _)| *o == cur)
-                    .map(|(_, r)| r.clone())
+                    .filter(|f| at(f, false, &cur))
+                    .map(|f| Rr {
+                        rtype: f.rtype,
+                        ttl: f.ttl,
+                        rdata: msg[f.rdata.clone()].to_vec(),
+                    })
                     .collect();
                 if !rrs.is_empty() {
                     if chain.links.is_empty() {
@@ -287,6 +303,16 @@ pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
             }
         }
     }
+}
+
+/// An answer record that can be on a chain, as [`follow`] found it: positions in its name
+/// buffer (`target` is empty but for a CNAME) and in the message.
+struct Found {
+    rtype: u16,
+    ttl: u32,
+    owner: std::ops::Range<usize>,
+    target: std::ops::Range<usize>,
+    rdata: std::ops::Range<usize>,
 }
 
 /// Whether flattening applies to this question at all (F1, F6).
