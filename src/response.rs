@@ -40,7 +40,8 @@ impl Prepared {
     /// TTL passes through `ttl_fix`. Returns `None` for a reply that cannot be scanned or
     /// whose OPT cannot be rewritten safely (OPT not the last record).
     pub fn new(reply: &[u8], ttl_fix: impl Fn(u32) -> u32) -> Option<Prepared> {
-        let mut records: Vec<RecordPos> = Vec::new();
+        // Sized for a typical answer (question, a few records, authority, OPT): no regrowth.
+        let mut records: Vec<RecordPos> = Vec::with_capacity(16);
         let question_end = wire::walk_records(reply, |r| records.push(r.clone())).ok()?;
         // More than one OPT is malformed (RFC 6891 6.1.1); stripping only the first would let
         // a second carry one client's options to another.
@@ -72,12 +73,13 @@ impl Prepared {
                 wire_bytes.extend_from_slice(&kept);
             }
         }
-        // Set by every record, so it ends up `Some` only when the OPT is the last one.
-        let mut opt_rdlen = None;
-        let _ = wire::walk_records(&wire_bytes, |r| {
-            opt_rdlen = (r.rtype == wire::TYPE_OPT).then(|| (r.rdata.start - 2) as u16);
-        });
-        let mut ttl_offsets = Vec::with_capacity(records.len());
+        // Only an OPT that is the last record: rewriting its options (above) kept it last and
+        // its RDLENGTH where it was.
+        let opt_rdlen = match records.last() {
+            Some(r) if r.rtype == wire::TYPE_OPT => Some(u16::try_from(r.rdata.start - 2).ok()?),
+            _ => None,
+        };
+        let mut ttl_offsets = Vec::with_capacity(records.len() - usize::from(opt.is_some()));
         for r in records.iter().filter(|r| r.rtype != wire::TYPE_OPT) {
             let ttl = ttl_fix(r.ttl(reply));
             wire::put_u32(&mut wire_bytes, r.ttl_pos, ttl);
