@@ -12,6 +12,7 @@
 //! pipelined connection per server (`pool`).
 
 mod pool;
+pub mod valid;
 
 use std::io;
 use std::net::SocketAddr;
@@ -442,11 +443,16 @@ pub fn matches(query: &[u8], reply: &[u8]) -> bool {
 }
 
 /// Whether every name in `reply` decompresses (no pointer loops, forward pointers or names
-/// over 255 octets) and every record of a known type parses: a full parse with `domain`,
-/// which caps pointer chains. The hot path's scanner never follows pointers, so without this
-/// a reply with a pointer loop would be passed to the client (R20). Runs once per upstream
-/// reply, never on a cache hit.
+/// over 255 octets) and every record of a known type parses. The hot path's scanner never
+/// follows pointers, so without this a reply with a pointer loop would be passed to the
+/// client (R20). Runs once per upstream reply, never on a cache hit: [`valid::scan`] for
+/// the common record types, `domain` for the rest.
 pub fn well_formed(reply: &[u8]) -> bool {
+    valid::scan(reply).unwrap_or_else(|| well_formed_domain(reply))
+}
+
+/// [`well_formed`] as a full parse with `domain`, which caps pointer chains.
+pub fn well_formed_domain(reply: &[u8]) -> bool {
     use domain::base::name::ParsedName;
     use domain::base::Message;
     use domain::rdata::AllRecordData;
