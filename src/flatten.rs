@@ -82,8 +82,7 @@ pub struct Link {
 pub struct Chain {
     /// The name the chain starts at (lowercased wire name).
     start: Vec<u8>,
-    /// Every target so far, in order (the start is not repeated here).
-    visited: Vec<Vec<u8>>,
+    /// Every link so far, in order: their targets are the names visited after the start.
     pub links: Vec<Link>,
     pub min_ttl: u32,
     max_hops: usize,
@@ -101,7 +100,6 @@ impl Chain {
             start,
             // Empty until the first link: most answers have no chain, and an empty Vec costs
             // no allocation.
-            visited: Vec::new(),
             links: Vec::new(),
             min_ttl: u32::MAX,
             max_hops,
@@ -115,7 +113,7 @@ impl Chain {
 
     /// Whether `name` is already on the chain (the start or a target).
     fn visits(&self, name: &[u8]) -> bool {
-        self.start == name || self.visited.iter().any(|v| v == name)
+        self.start == name || self.links.iter().any(|l| l.target == name)
     }
     pub fn hops(&self) -> usize {
         self.links.len()
@@ -124,14 +122,13 @@ impl Chain {
     /// Adds a link that no message holds: an ALIAS from the chain's current end to `target`,
     /// with the same loop and length checks as a CNAME.
     pub fn push_alias(&mut self, target: &[u8], ttl: u32) -> Result<(), Skip> {
-        let owner = self.visited.last().unwrap_or(&self.start).clone();
+        let owner = self.links.last().map_or(&self.start, |l| &l.target).clone();
         if self.visits(target) {
             return Err(Skip::Loop);
         }
         if self.links.len() >= self.max_hops {
             return Err(Skip::TooLong);
         }
-        self.visited.push(target.to_vec());
         self.min_ttl = self.min_ttl.min(sane_ttl(ttl));
         self.links.push(Link {
             owner,
@@ -189,16 +186,46 @@ pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
             Some(true) => {}
         }
     }
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => {
+            let step = walk(msg, start, qtype, chain, &mut s);
+            // A huge reply does not leave a huge buffer behind on the thread.
+            if s.names.capacity() > 4096 || s.found.capacity() > 256 {
+                *s = Scratch::default();
+            }
+            step
+        }
+        Err(_) => walk(msg, start, qtype, chain, &mut Scratch::default()),
+    })
+}
+
+/// [`follow`]'s working buffers, kept per thread: a flattened miss would otherwise allocate
+/// three of them (on a thread that rarely frees what it allocates, so each allocation takes
+/// glibc's slow path).
+#[derive(Default)]
+struct Scratch {
+    /// Owners and CNAME targets of the records that can be on the chain, lowercased.
+    names: Vec<u8>,
+    found: Vec<Found>,
+    /// The name being read.
+    name: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+fn walk(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain, scratch: &mut Scratch) -> Step {
     // One scan: every name of the question and answer sections must decompress, whatever
     // record it owns, since a message with one unreadable name is malformed as a whole (R20).
     // The owners (and CNAME targets) of the records that can be on the chain are kept,
     // lowercased, in one buffer; nothing else is copied until the chain is known.
-    let mut names: Vec<u8> = Vec::with_capacity(256);
-    let mut found: Vec<Found> = Vec::with_capacity(8);
-    let mut name = Vec::with_capacity(32);
+    let Scratch { names, found, name } = scratch;
+    names.clear();
+    found.clear();
     let mut pos = HEADER_LEN;
     for _ in 0..Header::read(msg).map_or(0, |h| h.qdcount) {
-        match wire::read_name(msg, pos, &mut name) {
+        match wire::read_name(msg, pos, name) {
             Ok(end) => pos = end + 4,
             Err(_) => return Step::Fail(Skip::Malformed),
         }
@@ -208,7 +235,7 @@ pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
         if malformed || r.section != wire::Section::Answer {
             return;
         }
-        if wire::read_name(msg, r.start, &mut name).is_err() {
+        if wire::read_name(msg, r.start, name).is_err() {
             malformed = true;
             return;
         }
@@ -222,11 +249,11 @@ pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
             _ => return,
         };
         let owner = names.len()..names.len() + name.len();
-        names.extend_from_slice(&name);
+        names.extend_from_slice(name);
         let mut target = 0..0;
         if want == 0 {
             // The target must fill the RDATA exactly (RFC 1035 3.3.1).
-            match wire::read_name(msg, r.rdata.start, &mut name) {
+            match wire::read_name(msg, r.rdata.start, name) {
                 Ok(end) if end == r.rdata.end => {}
                 _ => {
                     malformed = true;
@@ -234,7 +261,7 @@ pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
                 }
             }
             target = names.len()..names.len() + name.len();
-            names.extend_from_slice(&name);
+            names.extend_from_slice(name);
         } else if r.rdata.len() != want {
             malformed = true;
             return;
@@ -270,7 +297,6 @@ pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
                 if chain.links.len() >= chain.max_hops {
                     return Step::Fail(Skip::TooLong);
                 }
-                chain.visited.push(target.to_vec());
                 chain.min_ttl = chain.min_ttl.min(link.ttl);
                 chain.links.push(Link {
                     owner: names[link.owner.clone()].to_vec(),
