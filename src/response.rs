@@ -48,7 +48,11 @@ impl Prepared {
         if records.iter().filter(|r| r.rtype == wire::TYPE_OPT).count() > 1 {
             return None;
         }
-        let mut wire_bytes = reply.to_vec();
+        // Bytes after the last record are no part of the message: dropped, so an OPT that
+        // ends the records also ends what is stored, and an option appended to it later (our
+        // cookie) lands inside it rather than after the junk.
+        let end = records.last().map_or(question_end, |r| r.rdata.end);
+        let mut wire_bytes = reply[..end].to_vec();
         let mut opt = None;
         if let Some(idx) = records.iter().position(|r| r.rtype == wire::TYPE_OPT) {
             let r = &records[idx];
@@ -368,6 +372,17 @@ mod tests {
         // Older than the TTL: zero, never wrapped.
         assert!(p.render(7, q, 1000, 1232, &mut out));
         assert_eq!(wire::u32_at(&out, ttl_pos), Some(0));
+    }
+
+    #[test]
+    fn bytes_after_the_last_record_are_not_stored() {
+        let clean = Prepared::new(&reply(), |t| t).unwrap();
+        let mut junk = reply();
+        junk.extend_from_slice(b"XYZ");
+        let p = Prepared::new(&junk, |t| t).unwrap();
+        assert_eq!(p.wire(), clean.wire());
+        // The OPT still ends the message: its RDLENGTH is the last two octets.
+        assert_eq!(p.opt_rdlen(), Some(p.len() - 2));
     }
 
     #[test]
