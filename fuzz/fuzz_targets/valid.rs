@@ -3,10 +3,11 @@
 //! the scan decides (`Some`), it must decide as `domain` does.
 //!
 //! The bytes are tried as a reply as they are, and they also drive a generator of replies
-//! made of the modelled types only: names of labels and compression pointers (backward,
-//! forward, to themselves, chains of pointers), RDATA sometimes a little short or long, OPT
-//! options that do or do not fit. Raw bytes rarely get past the first record; the generated
-//! replies reach every rule.
+//! made mostly of the modelled types: zero to two questions; names of labels and compression
+//! pointers (backward, forward, to themselves, into chains of up to 300 pointers that an OPT
+//! option carries); RDATA sometimes a little short or long; OPT options that do or do not
+//! fit; counts off by one; cut messages. Raw bytes rarely get past the first record; the
+//! generated replies reach every rule.
 #![no_main]
 
 use arbitrary::{Result, Unstructured};
@@ -23,8 +24,9 @@ fn check(msg: &[u8]) {
     }
 }
 
-/// A name at the end of `out`: labels, then the root or a pointer.
-fn name(u: &mut Unstructured, out: &mut Vec<u8>) -> Result<()> {
+/// A name at the end of `out`: labels, then the root or a pointer (sometimes to the end of a
+/// pointer chain in `chains`).
+fn name(u: &mut Unstructured, out: &mut Vec<u8>, chains: &[usize]) -> Result<()> {
     for _ in 0..u.int_in_range(0..=4)? {
         let len = match u.int_in_range(0..=9)? {
             0 => u.int_in_range(0..=255)?, // any type octet, 0x40-0xbf too
@@ -41,7 +43,9 @@ fn name(u: &mut Unstructured, out: &mut Vec<u8>) -> Result<()> {
     } else {
         // A pointer: usually back into the message so far, sometimes anywhere.
         let at = out.len();
-        let target = if at > 0 && u.ratio(3, 4)? {
+        let target = if !chains.is_empty() && u.ratio(1, 2)? {
+            *u.choose(chains)?
+        } else if at > 0 && u.ratio(3, 4)? {
             u.int_in_range(0..=at - 1)?
         } else {
             u.int_in_range(0..=at + 8)?
@@ -53,12 +57,16 @@ fn name(u: &mut Unstructured, out: &mut Vec<u8>) -> Result<()> {
 }
 
 fn reply(u: &mut Unstructured) -> Result<Vec<u8>> {
-    let mut m = vec![0x12, 0x34, 0x81, 0x80, 0, 1, 0, 0, 0, 0, 0, 0];
-    name(u, &mut m)?;
-    m.extend_from_slice(&[0, 1, 0, 1]);
+    let qd: u8 = *u.choose(&[1, 1, 1, 0, 2])?;
+    let mut m = vec![0x12, 0x34, 0x81, 0x80, 0, qd, 0, 0, 0, 0, 0, 0];
+    let mut chains = Vec::new();
+    for _ in 0..qd {
+        name(u, &mut m, &chains)?;
+        m.extend_from_slice(&[0, 1, 0, 1]);
+    }
     let n: u8 = u.int_in_range(0..=6)?;
     for _ in 0..n {
-        name(u, &mut m)?;
+        name(u, &mut m, &chains)?;
         let rtype: u16 = *u.choose(&[1, 28, 5, 2, 12, 15, 6, 41, 16, 99])?;
         m.extend_from_slice(&rtype.to_be_bytes());
         m.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
@@ -69,12 +77,27 @@ fn reply(u: &mut Unstructured) -> Result<Vec<u8>> {
             28 => m.extend_from_slice(&[0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
             15 => {
                 m.extend_from_slice(&[0, 10]);
-                name(u, &mut m)?;
+                name(u, &mut m, &chains)?;
             }
             6 => {
-                name(u, &mut m)?;
-                name(u, &mut m)?;
+                name(u, &mut m, &chains)?;
+                name(u, &mut m, &chains)?;
                 m.extend_from_slice(&[0; 20]);
+            }
+            41 if m.len() > 12 && u.ratio(1, 3)? => {
+                // One option whose data is a chain of pointers, each to the one before, the
+                // first to the question (or wherever): names may end on any of them.
+                let hops: u16 = *u.choose(&[1, 2, 100, 253, 254, 255, 256, 300])?;
+                m.extend_from_slice(&[0, 99]);
+                m.extend_from_slice(&(2 * hops).to_be_bytes());
+                let mut prev = 12;
+                for _ in 0..hops {
+                    let at = m.len();
+                    m.extend_from_slice(&(0xc000 | (prev as u16 & 0x3fff)).to_be_bytes());
+                    prev = at;
+                }
+                chains.push(prev);
+                chains.push(prev - 2);
             }
             41 => {
                 for _ in 0..u.int_in_range(0..=2)? {
@@ -84,7 +107,7 @@ fn reply(u: &mut Unstructured) -> Result<Vec<u8>> {
                 }
             }
             16 | 99 => m.extend_from_slice(b"\x03abc"),
-            _ => name(u, &mut m)?,
+            _ => name(u, &mut m, &chains)?,
         }
         let mut rdlen = (m.len() - at - 2) as i32;
         if u.ratio(1, 5)? {

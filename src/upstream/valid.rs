@@ -194,6 +194,64 @@ mod tests {
         assert_eq!(scan(&r), Some(false));
     }
 
+    /// A query for `a.` answered by an OPT whose option data holds `hops - 1` compression
+    /// pointers, each to the one before (the first to the question name), then an A record
+    /// owned by a pointer to the last: its owner follows `hops` pointers.
+    fn pointer_chain(hops: usize) -> Vec<u8> {
+        let mut m = hex("0001 8180 0001 0002 0000 0000 0161 00 0001 0001");
+        let data = 2 * (hops - 1);
+        m.extend_from_slice(&hex("00 0029 1000 00000000"));
+        m.extend_from_slice(&((data + 4) as u16).to_be_bytes());
+        m.extend_from_slice(&[0, 99]);
+        m.extend_from_slice(&(data as u16).to_be_bytes());
+        let mut prev = 12;
+        for _ in 0..hops - 1 {
+            let at = m.len();
+            m.extend_from_slice(&(0xc000 | prev as u16).to_be_bytes());
+            prev = at;
+        }
+        m.extend_from_slice(&(0xc000 | prev as u16).to_be_bytes());
+        m.extend_from_slice(&hex("0001 0001 0000003c 0004 c0000201"));
+        m
+    }
+
+    #[test]
+    fn at_most_255_pointers_per_name_as_in_domain() {
+        for (hops, ok) in [
+            (1, true),
+            (254, true),
+            (255, true),
+            (256, false),
+            (300, false),
+        ] {
+            let m = pointer_chain(hops);
+            assert_eq!(scan(&m), Some(ok), "{hops} pointers");
+            assert_eq!(super::super::well_formed_domain(&m), ok, "{hops} pointers");
+        }
+    }
+
+    #[test]
+    fn names_up_to_255_octets_as_in_domain() {
+        // Question names of 63-octet labels and one shorter label: 254 octets of labels
+        // plus the root parse, 255 plus the root do not.
+        for (last, ok) in [(61u8, true), (62, false)] {
+            let mut m = hex("0001 8180 0001 0000 0000 0000");
+            for _ in 0..3 {
+                m.push(63);
+                m.extend_from_slice(&[b'x'; 63]);
+            }
+            m.push(last);
+            m.extend(std::iter::repeat_n(b'y', last.into()));
+            m.extend_from_slice(&hex("00 0001 0001"));
+            assert_eq!(scan(&m), Some(ok), "last label {last}");
+            assert_eq!(
+                super::super::well_formed_domain(&m),
+                ok,
+                "last label {last}"
+            );
+        }
+    }
+
     #[test]
     fn other_types_are_left_to_domain() {
         let mut r = reply();
