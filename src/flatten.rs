@@ -176,6 +176,17 @@ pub fn any_cname(msg: &[u8]) -> Option<bool> {
 /// Names are read with [`wire::read_name`], a bounded decompressor (backward pointers only,
 /// 255 octets at most), straight from the wire: no message model is built for this walk.
 pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
+    follow_at(msg, Some(start), qtype, chain)
+}
+
+/// [`follow`] from the chain's own start name, without a copy of it for the common answer
+/// that holds no CNAME.
+pub fn follow_start(msg: &[u8], qtype: u16, chain: &mut Chain) -> Step {
+    follow_at(msg, None, qtype, chain)
+}
+
+/// `start`: where the walk begins; `None` for the chain's start.
+fn follow_at(msg: &[u8], start: Option<&[u8]>, qtype: u16, chain: &mut Chain) -> Step {
     // Most answers hold no CNAME: then there is no chain to walk, and no need to decompress
     // a single name (or to allocate anything) to know it. A continuing chain (a chase
     // answer) walks on: it found its records already, or has none.
@@ -215,7 +226,13 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-fn walk(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain, scratch: &mut Scratch) -> Step {
+fn walk(
+    msg: &[u8],
+    start: Option<&[u8]>,
+    qtype: u16,
+    chain: &mut Chain,
+    scratch: &mut Scratch,
+) -> Step {
     // One scan: every name of the question and answer sections must decompress, whatever
     // record it owns, since a message with one unreadable name is malformed as a whole (R20).
     // The owners (and CNAME targets) of the records that can be on the chain are kept,
@@ -281,7 +298,7 @@ fn walk(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain, scratch: &mut S
     let at = |f: &Found, cname: bool, cur: &[u8]| {
         (f.rtype == wire::TYPE_CNAME) == cname && names[f.owner.clone()] == *cur
     };
-    let mut cur = start.to_vec();
+    let mut cur = start.map_or_else(|| chain.start.clone(), <[u8]>::to_vec);
     loop {
         let mut at_cur = found.iter().filter(|f| at(f, true, &cur));
         match (at_cur.next(), at_cur.next()) {

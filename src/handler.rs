@@ -864,15 +864,7 @@ impl Handler {
             return Err(plain(Skip::NotNoError));
         }
         let mut chain = Chain::starting_at(start, s.flatten.max_chain);
-        // The common case, no CNAME at all, without the walk's copy of the start name.
-        let step = match flatten::any_cname(reply) {
-            None => Step::Fail(Skip::Malformed),
-            Some(false) => Step::Fail(Skip::NoChain),
-            Some(true) => {
-                let start = chain.start().to_vec();
-                flatten::follow(reply, &start, q.qtype, &mut chain)
-            }
-        };
+        let step = flatten::follow_start(reply, q.qtype, &mut chain);
         let nodata = wire::Header::read(reply).is_some_and(|h| h.ancount == 0);
         Ok((chain, step, nodata))
     }
