@@ -23,8 +23,11 @@ pub struct OptFields {
 /// An answer ready to be served to any client whose query has the same cache key.
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    wire: Box<[u8]>,
-    ttl_offsets: Box<[u16]>,
+    /// The message, then the offset of every TTL in it (two octets each, native order): one
+    /// allocation per cached answer rather than two.
+    buf: Box<[u8]>,
+    /// Where the message ends in `buf`.
+    wire_len: u16,
     question_end: u16,
     opt: Option<OptFields>,
     /// Where the OPT record's RDLENGTH sits, when the OPT is the last record (so an option
@@ -52,7 +55,9 @@ impl Prepared {
         // ends the records also ends what is stored, and an option appended to it later (our
         // cookie) lands inside it rather than after the junk.
         let end = records.last().map_or(question_end, |r| r.rdata.end);
-        let mut wire_bytes = reply[..end].to_vec();
+        let ttls = records.len() - usize::from(records.iter().any(|r| r.rtype == wire::TYPE_OPT));
+        let mut wire_bytes = Vec::with_capacity(end + 2 * ttls);
+        wire_bytes.extend_from_slice(&reply[..end]);
         let mut opt = None;
         if let Some(idx) = records.iter().position(|r| r.rtype == wire::TYPE_OPT) {
             let r = &records[idx];
@@ -83,15 +88,15 @@ impl Prepared {
             Some(r) if r.rtype == wire::TYPE_OPT => Some(u16::try_from(r.rdata.start - 2).ok()?),
             _ => None,
         };
-        let mut ttl_offsets = Vec::with_capacity(records.len() - usize::from(opt.is_some()));
+        let wire_len = u16::try_from(wire_bytes.len()).ok()?;
         for r in records.iter().filter(|r| r.rtype != wire::TYPE_OPT) {
             let ttl = ttl_fix(r.ttl(reply));
             wire::put_u32(&mut wire_bytes, r.ttl_pos, ttl);
-            ttl_offsets.push(u16::try_from(r.ttl_pos).ok()?);
+            wire_bytes.extend_from_slice(&u16::try_from(r.ttl_pos).ok()?.to_ne_bytes());
         }
         Some(Prepared {
-            wire: wire_bytes.into_boxed_slice(),
-            ttl_offsets: ttl_offsets.into_boxed_slice(),
+            buf: wire_bytes.into_boxed_slice(),
+            wire_len,
             question_end: u16::try_from(question_end).ok()?,
             opt,
             opt_rdlen,
@@ -99,14 +104,20 @@ impl Prepared {
     }
 
     pub fn wire(&self) -> &[u8] {
-        &self.wire
+        &self.buf[..usize::from(self.wire_len)]
     }
+
+    /// Where the TTLs are in [`Prepared::wire`].
+    fn ttl_offsets(&self) -> impl Iterator<Item = usize> + '_ {
+        offsets(&self.buf[usize::from(self.wire_len)..])
+    }
+
     /// Lowers every TTL above `max` to `max`.
     pub fn cap_ttls(&mut self, max: u32) {
-        for &off in self.ttl_offsets.iter() {
-            let off = off as usize;
-            if wire::u32_at(&self.wire, off).is_some_and(|t| t > max) {
-                wire::put_u32(&mut self.wire, off, max);
+        let (wire, offs) = self.buf.split_at_mut(usize::from(self.wire_len));
+        for off in offsets(offs) {
+            if wire::u32_at(wire, off).is_some_and(|t| t > max) {
+                wire::put_u32(wire, off, max);
             }
         }
     }
@@ -117,7 +128,7 @@ impl Prepared {
     }
     pub fn header(&self) -> Header {
         // A Prepared message always has a full header (walk_records checked it).
-        Header::read(&self.wire).unwrap_or(Header {
+        Header::read(self.wire()).unwrap_or(Header {
             id: 0,
             flags: 0,
             qdcount: 0,
@@ -127,16 +138,15 @@ impl Prepared {
         })
     }
     pub fn len(&self) -> usize {
-        self.wire.len()
+        usize::from(self.wire_len)
     }
     pub fn is_empty(&self) -> bool {
-        self.wire.is_empty()
+        self.wire_len == 0
     }
     /// The smallest TTL in the message (after `ttl_fix`), if it has records.
     pub fn min_ttl(&self) -> Option<u32> {
-        self.ttl_offsets
-            .iter()
-            .filter_map(|&o| wire::u32_at(&self.wire, o as usize))
+        self.ttl_offsets()
+            .filter_map(|o| wire::u32_at(self.wire(), o))
             .min()
     }
 
@@ -182,22 +192,27 @@ impl Prepared {
             return false;
         }
         out.clear();
-        if self.wire.len() > limit {
+        if self.len() > limit {
             truncated(id, self.header().flags, question, self.opt, out);
             return true;
         }
-        out.extend_from_slice(&self.wire);
+        out.extend_from_slice(self.wire());
         wire::put_u16(out, 0, id);
         out[HEADER_LEN..self.question_end as usize].copy_from_slice(question);
         if let Some(fix) = fix {
-            for &off in self.ttl_offsets.iter() {
-                let off = off as usize;
+            for off in self.ttl_offsets() {
                 let ttl = wire::u32_at(out, off).unwrap_or(0);
                 wire::put_u32(out, off, fix(ttl));
             }
         }
         true
     }
+}
+
+/// The TTL offsets stored after a prepared message.
+fn offsets(buf: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    buf.chunks_exact(2)
+        .map(|c| usize::from(u16::from_ne_bytes([c[0], c[1]])))
 }
 
 /// Whether an EDNS option in an answer may be given to clients other than the one that asked:
