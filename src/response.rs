@@ -48,15 +48,16 @@ impl Prepared {
         let question_end = wire::walk_records(reply, |r| records.push(r.clone())).ok()?;
         // More than one OPT is malformed (RFC 6891 6.1.1); stripping only the first would let
         // a second carry one client's options to another.
-        if records.iter().filter(|r| r.rtype == wire::TYPE_OPT).count() > 1 {
+        let opts = records.iter().filter(|r| r.rtype == wire::TYPE_OPT).count();
+        if opts > 1 {
             return None;
         }
         // Bytes after the last record are no part of the message: dropped, so an OPT that
         // ends the records also ends what is stored, and an option appended to it later (our
         // cookie) lands inside it rather than after the junk.
         let end = records.last().map_or(question_end, |r| r.rdata.end);
-        let ttls = records.len() - usize::from(records.iter().any(|r| r.rtype == wire::TYPE_OPT));
-        let mut wire_bytes = Vec::with_capacity(end + 2 * ttls);
+        // The message, then two octets per TTL (every record but the OPT).
+        let mut wire_bytes = Vec::with_capacity(end + 2 * (records.len() - opts));
         wire_bytes.extend_from_slice(&reply[..end]);
         let mut opt = None;
         if let Some(idx) = records.iter().position(|r| r.rtype == wire::TYPE_OPT) {
