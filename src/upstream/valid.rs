@@ -69,63 +69,54 @@ pub fn scan(msg: &[u8]) -> Option<bool> {
 /// not parse. As in `domain`: a label type of 0x40-0xBF is an error; every pointer must point
 /// before its own position; at most 255 pointers; the labels may add up to 254 octets (255
 /// with the root); every octet read, after a jump too, lies before `limit`.
-fn name_end(msg: &[u8], mut pos: usize, limit: usize) -> Option<usize> {
+fn name_end(msg: &[u8], pos: usize, limit: usize) -> Option<usize> {
+    let mut len = 0;
+    let (end, mut ptr) = labels(msg, pos, limit, &mut len)?;
+    // Just past the pointer being followed.
+    let mut at = end;
+    for _ in 0..255 {
+        let Some(target) = ptr else {
+            return Some(end);
+        };
+        if target >= at - 2 {
+            return None;
+        }
+        (at, ptr) = labels(msg, target, limit, &mut len)?;
+    }
+    ptr.is_none().then_some(end)
+}
+
+/// Labels from `pos` up to the root (`(just past it, None)`) or a compression pointer
+/// (`(just past it, Some(target))`), adding their lengths to `len`.
+fn labels(
+    msg: &[u8],
+    mut pos: usize,
+    limit: usize,
+    len: &mut usize,
+) -> Option<(usize, Option<usize>)> {
     let byte = |p: usize| if p < limit { msg.get(p).copied() } else { None };
-    let mut len = 0usize;
-    // Labels up to the root or the first pointer.
-    let mut ptr = loop {
+    loop {
         match byte(pos)? {
-            0 => return Some(pos + 1),
+            0 => return Some((pos + 1, None)),
             l @ 1..=0x3f => {
                 let l = usize::from(l);
                 if pos + 1 + l > limit {
                     return None;
                 }
                 pos += 1 + l;
-                len += l + 1;
-                if len >= 255 {
+                *len += l + 1;
+                if *len >= 255 {
                     return None;
                 }
             }
             hi @ 0xc0..=0xff => {
                 let lo = byte(pos + 1)?;
-                pos += 2;
-                break (usize::from(hi & 0x3f) << 8) | usize::from(lo);
+                let target = (usize::from(hi & 0x3f) << 8) | usize::from(lo);
+                return Some((pos + 2, Some(target)));
             }
             _ => return None,
         }
-    };
-    let end = pos;
-    // `pos` is just past the pointer being followed.
-    for _ in 0..255 {
-        if ptr >= pos - 2 {
-            return None;
-        }
-        pos = ptr;
-        ptr = loop {
-            match byte(pos)? {
-                0 => return Some(end),
-                l @ 1..=0x3f => {
-                    let l = usize::from(l);
-                    if pos + 1 + l > limit {
-                        return None;
-                    }
-                    pos += 1 + l;
-                    len += l + 1;
-                    if len >= 255 {
-                        return None;
-                    }
-                }
-                hi @ 0xc0..=0xff => {
-                    let lo = byte(pos + 1)?;
-                    pos += 2;
-                    break (usize::from(hi & 0x3f) << 8) | usize::from(lo);
-                }
-                _ => return None,
-            }
-        };
     }
-    None
 }
 
 /// `Opt::check_slice`: options (code, length, data) that fill the RDATA exactly.
