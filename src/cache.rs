@@ -89,6 +89,16 @@ impl Key {
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
+
+    /// The key whose [`Key::as_bytes`] are `bytes`; `None` if a key cannot be that long.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Key> {
+        let mut buf = [0u8; 5 + wire::MAX_NAME_LEN];
+        buf.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(Key {
+            buf,
+            len: bytes.len(),
+        })
+    }
 }
 
 /// What kind of answer an entry holds (for the TTL rule that made it, and for metrics).

@@ -638,7 +638,7 @@ impl Handler {
         match self.role(key) {
             Role::Lead(lead) => {
                 let p = produce().await;
-                self.settle(key, lead, &p);
+                self.settle(lead, &p);
                 Got::Leader(p)
             }
             Role::Wait(w) => match timeout_at(deadline, w.wait()).await {
@@ -671,12 +671,12 @@ impl Handler {
     }
 
     /// A leader's answer goes into the cache and to its waiters.
-    fn settle(&self, key: &[u8], lead: Lead, p: &Produced) {
+    fn settle(&self, lead: Lead, p: &Produced) {
         if let Some(e) = &p.entry {
             // Not into a cache flushed by a reload while this lookup ran: its answer came
             // under the old settings (waiters still get it).
             if self.generation.load(Ordering::Acquire) == lead.generation {
-                self.cache.insert(key, e.clone());
+                self.cache.insert(lead.leader.key(), e.clone());
             }
         }
         lead.leader.complete(p.entry.clone());

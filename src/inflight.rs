@@ -8,9 +8,9 @@
 //!
 //! Only misses touch this map; the cache-hit path never does.
 
-use std::collections::hash_map::Entry as MapEntry;
-use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hash, Hasher};
 
 use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::watch;
 
-use crate::cache::Entry;
+use crate::cache::{Entry, Key};
 
 type Result = Option<Arc<Entry>>;
 
@@ -26,7 +26,13 @@ type Result = Option<Arc<Entry>>;
 /// waiter, and a watch channel (eight notifiers) is costly to build and to publish on. The
 /// leader removes the key under the same lock before it publishes, so any waiter there is
 /// made the channel before the leader looks for it.
+///
+/// The slot holds its key inline: one allocation per miss, not one for the slot and one for
+/// the key. A miss is started on the listener's receive thread and usually ends on its reply
+/// thread, so each of these allocations is freed by another thread than the one that made it,
+/// which glibc's per-thread caches serve worst.
 struct Slot {
+    key: Key,
     tx: OnceLock<watch::Sender<Option<Result>>>,
     waiters: AtomicUsize,
 }
@@ -39,9 +45,33 @@ impl Slot {
     }
 }
 
+/// A slot in its shard's set, found by its key's bytes.
+struct Keyed(Arc<Slot>);
+
+impl Borrow<[u8]> for Keyed {
+    fn borrow(&self) -> &[u8] {
+        self.0.key.as_bytes()
+    }
+}
+
+// Hash and equality are those of the key's bytes, as `Borrow` requires.
+impl Hash for Keyed {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.key.as_bytes().hash(state);
+    }
+}
+
+impl PartialEq for Keyed {
+    fn eq(&self, other: &Keyed) -> bool {
+        self.0.key.as_bytes() == other.0.key.as_bytes()
+    }
+}
+
+impl Eq for Keyed {}
+
 /// Keys are client-chosen names: hashed with a per-process random seed (foldhash), so
 /// which keys collide cannot be worked out from outside.
-type Shard = Mutex<HashMap<Arc<[u8]>, Arc<Slot>, RandomState>>;
+type Shard = Mutex<HashSet<Keyed, RandomState>>;
 
 /// Keys with a query in flight, sharded to keep lock hold times short.
 pub struct Inflight {
@@ -63,7 +93,7 @@ impl Inflight {
     pub fn new(max_waiters: usize) -> Inflight {
         Inflight {
             shards: (0..64)
-                .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
+                .map(|_| Mutex::new(HashSet::with_hasher(RandomState::default())))
                 .collect(),
             hasher: RandomState::default(),
             max_waiters,
@@ -74,13 +104,15 @@ impl Inflight {
         (self.hasher.hash_one(key) as usize) % self.shards.len()
     }
 
+    /// `key` is a cache key's bytes ([`Key::as_bytes`]); anything longer than a key can be is
+    /// turned away as [`Join::Full`].
     pub fn join(&self, key: &[u8]) -> Join {
         let shard = self.shard(key);
         let mut map = match self.shards[shard].lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(slot) = map.get(key) {
+        if let Some(Keyed(slot)) = map.get(key) {
             if slot.waiters.fetch_add(1, Ordering::Relaxed) >= self.max_waiters {
                 slot.waiters.fetch_sub(1, Ordering::Relaxed);
                 return Join::Full;
@@ -88,18 +120,18 @@ impl Inflight {
             let tx = slot.tx.get_or_init(|| watch::channel(None).0);
             return Join::Waiter(Waiter { rx: tx.subscribe() });
         }
+        let Some(key) = Key::from_bytes(key) else {
+            return Join::Full;
+        };
         let slot = Arc::new(Slot {
+            key,
             tx: OnceLock::new(),
             waiters: AtomicUsize::new(0),
         });
-        let key: Arc<[u8]> = key.into();
-        if let MapEntry::Vacant(v) = map.entry(key.clone()) {
-            v.insert(slot.clone());
-        }
+        map.insert(Keyed(slot.clone()));
         Join::Leader(Leader {
             shards: self.shards.clone(),
             shard,
-            key,
             slot,
             done: false,
         })
@@ -122,12 +154,16 @@ impl Inflight {
 pub struct Leader {
     shards: Arc<[Shard]>,
     shard: usize,
-    key: Arc<[u8]>,
     slot: Arc<Slot>,
     done: bool,
 }
 
 impl Leader {
+    /// The key this leader looks up.
+    pub fn key(&self) -> &[u8] {
+        self.slot.key.as_bytes()
+    }
+
     /// Publishes the result to every waiter and frees the key.
     pub fn complete(mut self, result: Result) {
         self.release();
@@ -140,11 +176,9 @@ impl Leader {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if map
-            .get(&*self.key)
-            .is_some_and(|s| Arc::ptr_eq(s, &self.slot))
-        {
-            map.remove(&*self.key);
+        let key = self.slot.key.as_bytes();
+        if map.get(key).is_some_and(|s| Arc::ptr_eq(&s.0, &self.slot)) {
+            map.remove(key);
         }
     }
 }
@@ -169,5 +203,40 @@ impl Waiter {
             Ok(v) => v.clone().flatten(),
             Err(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> Key {
+        Key::new(0, 1, 1, name.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn one_leader_per_key_until_it_is_done() {
+        let inflight = Inflight::new(2);
+        let (a, b) = (key("\x01a"), key("\x01b"));
+        let Join::Leader(lead) = inflight.join(a.as_bytes()) else {
+            panic!("the first query for a key leads");
+        };
+        assert_eq!(lead.key(), a.as_bytes());
+        assert!(matches!(inflight.join(a.as_bytes()), Join::Waiter(_)));
+        assert!(matches!(inflight.join(b.as_bytes()), Join::Leader(_)));
+        assert_eq!(inflight.len(), 1, "b's leader was dropped at once");
+        lead.complete(None);
+        assert!(inflight.is_empty());
+        assert!(matches!(inflight.join(a.as_bytes()), Join::Leader(_)));
+    }
+
+    #[test]
+    fn waiters_are_capped_and_bytes_longer_than_any_key_are_turned_away() {
+        let inflight = Inflight::new(1);
+        let a = key("\x01a");
+        let _lead = inflight.join(a.as_bytes());
+        assert!(matches!(inflight.join(a.as_bytes()), Join::Waiter(_)));
+        assert!(matches!(inflight.join(a.as_bytes()), Join::Full));
+        assert!(matches!(inflight.join(&[0u8; 300]), Join::Full));
     }
 }

@@ -1,6 +1,7 @@
 //! Fuzz target `valid`: `upstream::valid::scan`, our scan of an upstream reply for the common
 //! record types, against the full parse with `domain` it stands in for (R3, R20). Whenever
-//! the scan decides (`Some`), it must decide as `domain` does.
+//! the scan decides (`Some`), it must decide as `domain` does; a reply it passes must walk
+//! (`wire::walk_records`) with as many OPT records as it counted.
 //!
 //! The bytes are tried as a reply as they are, and they also drive a generator of replies
 //! made mostly of the modelled types: zero to two questions; names of labels and compression
@@ -12,15 +13,24 @@
 
 use arbitrary::{Result, Unstructured};
 use flatdns::upstream::{valid, well_formed_domain};
+use flatdns::wire;
 use libfuzzer_sys::fuzz_target;
 
 fn check(msg: &[u8]) {
-    if let Some(ok) = valid::scan(msg) {
+    if let Some((ok, opts)) = valid::scan_counting(msg) {
         assert_eq!(
             ok,
             well_formed_domain(msg),
             "scan and domain disagree on {msg:02x?}"
         );
+        // `upstream::matches` counts OPT records with the scan instead of a walk.
+        if ok {
+            let mut walked = 0;
+            let walk =
+                wire::walk_records(msg, |r| walked += usize::from(r.rtype == wire::TYPE_OPT));
+            assert!(walk.is_ok(), "scanned but does not walk: {msg:02x?}");
+            assert_eq!(opts, walked, "OPT counts differ on {msg:02x?}");
+        }
     }
 }
 

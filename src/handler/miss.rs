@@ -26,7 +26,7 @@ use std::io;
 use std::pin::Pin;
 
 use super::*;
-use crate::upstream::{matches, Resume, Sent};
+use crate::upstream::{answers, Resume, Sent};
 
 /// A reply-producing task for the listener to spawn; `None`: send nothing.
 pub type Task = Pin<Box<dyn Future<Output = Option<Vec<u8>>> + Send + 'static>>;
@@ -50,26 +50,30 @@ pub enum Started {
 pub enum Progress {
     /// Still waiting (nothing, or only replies that did not match, R3).
     Waiting(Miss),
-    /// Done: send this to the client.
-    Reply(Vec<u8>),
+    /// Done: send the reply left in `out` to the client.
+    Reply,
     /// Needs more work: run this task.
     Task(Task),
 }
 
 /// A miss whose first upstream attempt is out.
 pub struct Miss {
-    /// Boxed: a miss moves between threads and tables, and `Led` holds a whole cache key.
+    /// Boxed: a miss moves between threads and tables, and `Led` holds the query.
     led: Box<Led>,
     sent: Sent,
 }
+
+/// The client's query, inline when it is no longer than this (nearly every query is): part
+/// of the `Led` allocation rather than one more made on the receive thread and freed on the
+/// reply thread. Its key is the coalescing slot's ([`Lead`]).
+type QueryBytes = smallvec::SmallVec<[u8; 128]>;
 
 /// A miss that leads its key's lookup: everything needed to finish it.
 struct Led {
     handler: Arc<Handler>,
     settings: Arc<Settings>,
-    msg: Bytes,
+    msg: QueryBytes,
     client: SocketAddr,
-    key: Key,
     lead: Lead,
     _pending: crate::limit::Slot,
     /// When the first attempt began (the cached answer's TTLs count from here).
@@ -164,9 +168,8 @@ impl Handler {
         };
         let led = Box::new(Led {
             handler: self.clone(),
-            msg: Bytes::copy_from_slice(q.wire),
+            msg: QueryBytes::from_slice(q.wire),
             client,
-            key,
             lead,
             _pending: pending,
             began: now,
@@ -242,14 +245,15 @@ impl Miss {
 
     /// The socket is readable: takes every datagram waiting there (the socket is
     /// edge-triggered) until one is the reply.
-    pub fn readable(self, buf: &mut [u8]) -> Progress {
+    /// A finished miss leaves its client's reply in `out` (the reply thread's one buffer).
+    pub fn readable(self, buf: &mut [u8], out: &mut Vec<u8>) -> Progress {
         loop {
             match self.sent.sock.recv(buf) {
                 Ok(n) => {
                     let reply = &buf[..n];
-                    if matches(&self.sent.msg, reply) {
+                    if answers(&self.led.msg, self.sent.id, reply) {
                         let reply = Bytes::copy_from_slice(reply);
-                        return self.replied(reply);
+                        return self.replied(reply, out);
                     }
                     debug!(server = ?self.sent.sock.peer_addr().ok(), "discarded a reply that does not match the query");
                 }
@@ -285,8 +289,8 @@ impl Miss {
         self.led.go_on(Next::Resume(from))
     }
 
-    fn replied(self, reply: Bytes) -> Progress {
-        let Miss { mut led, sent } = self;
+    fn replied(self, reply: Bytes, out: &mut Vec<u8>) -> Progress {
+        let Miss { led, sent } = self;
         if wire::Header::read(&reply).is_some_and(|h| h.has(wire::FLAG_TC)) {
             return Progress::Task(led.go_on(Next::Attempt(sent, Some(reply))));
         }
@@ -296,31 +300,44 @@ impl Miss {
             Ok((reply, _)) => reply,
             Err(from) => return Progress::Task(led.go_on(Next::Resume(from))),
         };
-        // Taken out for the one scan both steps below use (put back if a task goes on).
-        let msg = std::mem::take(&mut led.msg);
-        let Ok(q) = Query::parse(&msg) else {
-            led.msg = msg;
+        // The one scan of the query both steps below use.
+        let Ok(q) = Query::parse(&led.msg) else {
             return Progress::Task(led.go_on(Next::Reply(reply)));
         };
         let h = led.handler.clone();
         let Some(flattened) = h.flatten_now(&led.settings, &q, &reply) else {
-            led.msg = msg;
             return Progress::Task(led.go_on(Next::Reply(reply)));
         };
         let p = h.entry_from(reply, flattened, led.began);
-        Progress::Reply(led.finish(p, &q))
+        let Led {
+            client,
+            lead,
+            started,
+            ..
+        } = *led;
+        h.finish_led(lead, p, &q, client, started, out);
+        Progress::Reply
+    }
+}
+
+impl Handler {
+    /// Settles a miss's lookup ([`Handler::settle`]) and renders the client's reply to `q`
+    /// (the scan of the miss's query) into `out`.
+    fn finish_led(
+        &self,
+        lead: Lead,
+        p: Produced,
+        q: &Query<'_>,
+        client: SocketAddr,
+        started: Option<std::time::Instant>,
+        out: &mut Vec<u8>,
+    ) {
+        self.settle(lead, &p);
+        self.reply_into(q, client, Got::Leader(p), started, out);
     }
 }
 
 impl Led {
-    /// Settles the lookup ([`Handler::settle`]) and renders the client's reply to `q` (the
-    /// scan of this miss's query).
-    fn finish(self, p: Produced, q: &Query<'_>) -> Vec<u8> {
-        let h = &self.handler;
-        h.settle(self.key.as_bytes(), self.lead, &p);
-        h.reply(q, self.client, Got::Leader(p), self.started)
-    }
-
     /// The rest of the miss as a task, from `next`.
     fn go_on(self, next: Next) -> Task {
         Box::pin(async move {
@@ -334,7 +351,7 @@ impl Led {
                 Next::Attempt(sent, udp_reply) => {
                     let Sent {
                         sock,
-                        msg,
+                        id,
                         server,
                         began,
                         until,
@@ -346,14 +363,14 @@ impl Led {
                             Ok(reply)
                         }
                         None => {
-                            let waited = crate::upstream::wait_udp(sock, &msg);
+                            let waited = crate::upstream::wait_udp(sock, q.wire, id);
                             match timeout_at(until, waited).await {
                                 Ok(r) => r,
                                 Err(_) => Err(UpstreamError::Timeout),
                             }
                         }
                     };
-                    let got = attempt_rest(upstream, server, &msg, began, until, reply).await;
+                    let got = attempt_rest(upstream, server, q.wire, began, until, reply).await;
                     match upstream.received(0, got) {
                         Ok(done) => Ok(done),
                         Err(from) => upstream.resume(q.wire, false, from, deadline).await,
@@ -364,9 +381,17 @@ impl Led {
             let p = h
                 .produced(&s, &q, asked.map(|(r, _)| r), self.began, deadline)
                 .await;
-            let msg = self.msg.clone();
+            let Led {
+                msg,
+                client,
+                lead,
+                started,
+                ..
+            } = self;
             let q = Query::parse(&msg).ok()?;
-            Some(self.finish(p, &q))
+            let mut out = Vec::new();
+            h.finish_led(lead, p, &q, client, started, &mut out);
+            Some(out)
         })
     }
 }

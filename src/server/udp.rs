@@ -288,6 +288,8 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
     };
     let mut events = Events::with_capacity(256);
     let mut buf = vec![0u8; 65_535];
+    // Every reply this thread sends is rendered here: no allocation per answered miss.
+    let mut out = Vec::with_capacity(4096);
     let mut expired = Vec::new();
     loop {
         let next = {
@@ -311,12 +313,12 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
             };
             let client = miss.client();
             // A bug in one miss must not stop every other miss of this socket.
-            let progress = catch_unwind(AssertUnwindSafe(|| miss.readable(&mut buf)));
+            let progress = catch_unwind(AssertUnwindSafe(|| miss.readable(&mut buf, &mut out)));
             match progress {
                 Ok(Progress::Waiting(miss)) => {
                     misses.lock().waiting.insert(token, miss);
                 }
-                Ok(Progress::Reply(out)) => send_nonblocking(&listener.sock, &out, client),
+                Ok(Progress::Reply) => send_nonblocking(&listener.sock, &out, client),
                 Ok(Progress::Task(task)) => listener.spawn(task, client),
                 Err(_) => error!(%client, "a query's miss path panicked"),
             }

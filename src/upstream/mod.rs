@@ -178,7 +178,7 @@ impl Upstream {
 
     /// Starts attempt `attempt` over UDP and returns at once: a fresh connected socket (its
     /// own random port, R2) holding the query with a fresh random ID. The caller waits for
-    /// the socket itself, checks replies with [`matches`] against [`Sent::msg`], and hands
+    /// the socket itself, checks replies with [`answers`] against the query and [`Sent::id`], and hands
     /// the outcome to [`Upstream::received`]. The listeners' miss path uses this to run a
     /// miss without a runtime task.
     pub fn send_udp(&self, attempt: usize, query: &[u8], deadline: Instant) -> io::Result<Sent> {
@@ -186,11 +186,10 @@ impl Upstream {
         let Some(&server) = self.servers.get(index) else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        let mut msg = query.to_vec();
-        wire::put_u16(&mut msg, 0, rand::random::<u16>());
+        let id = rand::random::<u16>();
         let began = Instant::now();
         let sock = udp_socket(server);
-        let sent = sock.and_then(|s| s.send(&msg).map(|_| s));
+        let sent = sock.and_then(|s| send_with_id(&s, query, id).map(|_| s));
         // EAGAIN (a full buffer: memory pressure) is not the server's fault: the caller retries
         // the attempt as a task, which waits until the socket is writable, and counts it then.
         if let Err(e) = &sent {
@@ -202,7 +201,7 @@ impl Upstream {
         let sock = sent?;
         Ok(Sent {
             sock: sock.into(),
-            msg,
+            id,
             server: index,
             began,
             until: (began + self.timeout).min(deadline),
@@ -292,8 +291,9 @@ impl Resume {
 pub struct Sent {
     /// Connected to the server, non-blocking.
     pub sock: std::net::UdpSocket,
-    /// The query as sent (with its fresh ID), to check replies against.
-    pub msg: Vec<u8>,
+    /// The query's fresh ID: replies are checked against it and the query ([`answers`]).
+    /// Only the ID is kept, not a copy of the query with it: one allocation fewer per miss.
+    pub id: u16,
     /// Which of the servers.
     pub server: usize,
     pub began: Instant,
@@ -356,18 +356,24 @@ async fn udp_exchange(server: SocketAddr, msg: &[u8]) -> Result<Bytes, UpstreamE
     if !sent {
         sock.send(msg).await?;
     }
-    recv_matching(&sock, msg).await
+    recv_matching(&sock, msg, wire::u16_at(msg, 0).unwrap_or(0)).await
 }
 
-/// Waits on `sock`, a socket from [`Upstream::send_udp`] whose query (`msg`) is out, for the
-/// matching reply (R3): the listener's miss path hands a miss over to a task this way.
-pub async fn wait_udp(sock: std::net::UdpSocket, msg: &[u8]) -> Result<Bytes, UpstreamError> {
+/// Waits on `sock`, a socket from [`Upstream::send_udp`] whose query (`query`, sent with ID
+/// `id`) is out, for the matching reply (R3): the listener's miss path hands a miss over to
+/// a task this way.
+pub async fn wait_udp(
+    sock: std::net::UdpSocket,
+    query: &[u8],
+    id: u16,
+) -> Result<Bytes, UpstreamError> {
     let sock = UdpSocket::from_std(sock)?;
-    recv_matching(&sock, msg).await
+    recv_matching(&sock, query, id).await
 }
 
-/// The first datagram on `sock` that answers `msg`; the others are discarded.
-async fn recv_matching(sock: &UdpSocket, msg: &[u8]) -> Result<Bytes, UpstreamError> {
+/// The first datagram on `sock` that answers `query` sent with ID `id`; the others are
+/// discarded.
+async fn recv_matching(sock: &UdpSocket, query: &[u8], id: u16) -> Result<Bytes, UpstreamError> {
     let server = sock.peer_addr().ok();
     loop {
         sock.readable().await?;
@@ -377,7 +383,7 @@ async fn recv_matching(sock: &UdpSocket, msg: &[u8]) -> Result<Bytes, UpstreamEr
         let got = RECV_BUF.with_borrow_mut(|buf| {
             let n = sock.try_recv(buf)?;
             let reply = &buf[..n];
-            io::Result::Ok(matches(msg, reply).then(|| Bytes::copy_from_slice(reply)))
+            io::Result::Ok(answers(query, id, reply).then(|| Bytes::copy_from_slice(reply)))
         });
         match got {
             Ok(Some(reply)) => return Ok(reply),
@@ -387,6 +393,25 @@ async fn recv_matching(sock: &UdpSocket, msg: &[u8]) -> Result<Bytes, UpstreamEr
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Sends `query` with its ID replaced by `id`, from a copy on the stack when it fits (a
+/// query is rarely longer than 512 octets).
+fn send_with_id(sock: &socket2::Socket, query: &[u8], id: u16) -> io::Result<usize> {
+    let mut small = [0u8; 512];
+    let mut large = Vec::new();
+    let msg = match small.get_mut(..query.len()) {
+        Some(m) => {
+            m.copy_from_slice(query);
+            m
+        }
+        None => {
+            large.extend_from_slice(query);
+            &mut large[..]
+        }
+    };
+    wire::put_u16(msg, 0, id);
+    sock.send(msg)
 }
 
 /// A fresh UDP socket connected to `server`.
@@ -406,10 +431,15 @@ thread_local! {
 
 /// Whether `reply` answers `query` (RFC 5452 section 9.1) and scans as a whole message.
 pub fn matches(query: &[u8], reply: &[u8]) -> bool {
+    Header::read(query).is_some_and(|q| answers(query, q.id, reply))
+}
+
+/// [`matches`] for `query` sent with the ID `id` instead of its own.
+pub fn answers(query: &[u8], id: u16, reply: &[u8]) -> bool {
     let (Some(q), Some(r)) = (Header::read(query), Header::read(reply)) else {
         return false;
     };
-    if r.id != q.id
+    if r.id != id
         || !r.has(wire::FLAG_QR)
         || r.opcode() != q.opcode()
         || r.qdcount != 1
@@ -432,14 +462,17 @@ pub fn matches(query: &[u8], reply: &[u8]) -> bool {
         return false;
     }
     // More than one OPT is malformed (RFC 6891 6.1.1), and a second one could carry a client's
-    // cookie past the stripping that shared answers get.
+    // cookie past the stripping that shared answers get. The scan counts them on its way.
+    if let Some((parses, opts)) = valid::scan_counting(reply) {
+        return parses && opts <= 1;
+    }
     let mut opts = 0;
     if wire::walk_records(reply, |r| opts += usize::from(r.rtype == wire::TYPE_OPT)).is_err()
         || opts > 1
     {
         return false;
     }
-    well_formed(reply)
+    well_formed_domain(reply)
 }
 
 /// Whether every name in `reply` decompresses (no pointer loops, forward pointers or names
@@ -508,6 +541,61 @@ mod tests {
         one[11] = 1;
         one.extend_from_slice(&hex("00002904d0000000000000"));
         assert!(matches(&q, &one));
+    }
+
+    /// A reply with a TXT answer: a type the scan leaves to `domain`, so OPTs are counted
+    /// by the walk instead.
+    fn txt_reply(opts: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut reply = hex("12348180000100010000000003777777076578616d706c650000100001");
+        reply[11] = opts as u8;
+        reply.extend_from_slice(&hex("c00c001000010000003c000403616263"));
+        for _ in 0..opts {
+            reply.extend_from_slice(&hex("00002904d0000000000000"));
+        }
+        let mut q = reply[..29].to_vec();
+        q[2] = 0x01;
+        q[3] = 0x00;
+        q[6..12].copy_from_slice(&[0, 0, 0, 0, 0, 0]);
+        (q, reply)
+    }
+
+    #[test]
+    fn two_opt_records_are_rejected_when_domain_checks_the_reply() {
+        let (q, one) = txt_reply(1);
+        assert_eq!(valid::scan(&one), None);
+        assert!(matches(&q, &one));
+        let (q, two) = txt_reply(2);
+        assert!(!matches(&q, &two));
+    }
+
+    #[test]
+    fn a_reply_must_carry_the_id_sent_not_the_query_s_own() {
+        let (mut q, reply) = txt_reply(1);
+        wire::put_u16(&mut q, 0, 0x1234);
+        assert!(answers(&q, 0x1234, &reply));
+        assert!(!answers(&q, 0x4321, &reply));
+        wire::put_u16(&mut q, 0, 0x4321);
+        // The reply's ID (0x1234) is the one sent; the query's own ID does not count.
+        assert!(answers(&q, 0x1234, &reply));
+        assert!(!matches(&q, &reply));
+    }
+
+    #[test]
+    fn a_query_goes_out_whole_with_the_new_id_whatever_its_length() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let sock = udp_socket(server.local_addr().unwrap()).unwrap();
+        for len in [12, 512, 513, 1400] {
+            let query: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            send_with_id(&sock, &query, 0xbeef).unwrap();
+            let mut buf = [0u8; 2048];
+            let n = server.recv(&mut buf).unwrap();
+            assert_eq!(n, len);
+            assert_eq!(&buf[..2], &[0xbe, 0xef]);
+            assert_eq!(&buf[2..n], &query[2..]);
+        }
     }
 
     #[test]

@@ -18,9 +18,15 @@ const TYPE_MX: u16 = 15;
 
 /// `Some(parses)` when every record's type is one modelled here, else `None`.
 pub fn scan(msg: &[u8]) -> Option<bool> {
+    scan_counting(msg).map(|(parses, _)| parses)
+}
+
+/// [`scan`], with the number of OPT records when the message parses (a message that parses
+/// here also walks with [`wire::walk_records`], whose checks are a subset of these).
+pub fn scan_counting(msg: &[u8]) -> Option<(bool, usize)> {
     // `Message::from_slice`: a header, nothing more.
     let Some(h) = Header::read(msg) else {
-        return Some(false);
+        return Some((false, 0));
     };
     let limit = msg.len();
     let mut pos = HEADER_LEN;
@@ -28,20 +34,21 @@ pub fn scan(msg: &[u8]) -> Option<bool> {
         // `Question::parse`: a name, then type and class.
         match name_end(msg, pos, limit) {
             Some(end) if end + 4 <= limit => pos = end + 4,
-            _ => return Some(false),
+            _ => return Some((false, 0)),
         }
     }
+    let mut opts = 0;
     let records = usize::from(h.ancount) + usize::from(h.nscount) + usize::from(h.arcount);
     for _ in 0..records {
         // `ParsedRecord::parse`: owner, type, class, TTL, RDLENGTH, then the data in range.
         let Some(fixed) = name_end(msg, pos, limit).filter(|&f| f + 10 <= limit) else {
-            return Some(false);
+            return Some((false, 0));
         };
         let rtype = wire::u16_at(msg, fixed).unwrap_or(0);
         let rdlen = usize::from(wire::u16_at(msg, fixed + 8).unwrap_or(0));
         let (start, end) = (fixed + 10, fixed + 10 + rdlen);
         if end > limit {
-            return Some(false);
+            return Some((false, 0));
         }
         // `parse_into_any_record`: the type's parser over exactly the RDATA (its names may
         // point back anywhere before it, but may not run past its end), nothing left over.
@@ -53,15 +60,18 @@ pub fn scan(msg: &[u8]) -> Option<bool> {
             wire::TYPE_SOA => name_end(msg, start, end)
                 .and_then(|p| name_end(msg, p, end))
                 .is_some_and(|p| p + 20 == end),
-            wire::TYPE_OPT => options_fit(&msg[start..end]),
+            wire::TYPE_OPT => {
+                opts += 1;
+                options_fit(&msg[start..end])
+            }
             _ => return None,
         };
         if !ok {
-            return Some(false);
+            return Some((false, 0));
         }
         pos = end;
     }
-    Some(true)
+    Some((true, opts))
 }
 
 /// `ParsedName::parse` over `msg[..limit]` from `pos`: where the name ends in the linear
