@@ -158,17 +158,34 @@ fn sane_ttl(ttl: u32) -> u32 {
     }
 }
 
-/// Whether the answer section of `msg` holds a CNAME of class IN; `None` if `msg` does not
-/// scan. Decompresses nothing and allocates nothing.
-pub fn any_cname(msg: &[u8]) -> Option<bool> {
-    let mut any = false;
-    wire::walk_records(msg, |r| {
+/// What one walk of a reply tells before any name is read: whether its rcode, with the
+/// first OPT's extended bits, is plain NOERROR, and whether its answer section holds a CNAME
+/// of class IN (`None` when the reply does not scan). Decompresses nothing and allocates
+/// nothing: most answers hold no CNAME, and this is all they need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Survey {
+    pub noerror: bool,
+    pub cname: Option<bool>,
+}
+
+pub fn survey(msg: &[u8]) -> Survey {
+    let rcode = Header::read(msg).map(|h| h.rcode());
+    let (mut any, mut ext_rcode) = (false, None);
+    let walked = wire::walk_records(msg, |r| {
+        if r.rtype == wire::TYPE_OPT {
+            ext_rcode.get_or_insert((r.ttl(msg) >> 24) as u8);
+        }
         any |= r.section == wire::Section::Answer
             && r.rtype == wire::TYPE_CNAME
             && r.class == wire::CLASS_IN;
-    })
-    .ok()?;
-    Some(any)
+    });
+    let scanned = walked.is_ok();
+    Survey {
+        // A reply that does not scan is judged by its header alone (and fails as malformed).
+        noerror: rcode == Some(wire::RCODE_NOERROR)
+            && (!scanned || ext_rcode.is_none_or(|e| e == 0)),
+        cname: scanned.then_some(any),
+    }
 }
 
 /// Follows the chain from `start` through the answer section of `msg`.
@@ -176,22 +193,28 @@ pub fn any_cname(msg: &[u8]) -> Option<bool> {
 /// Names are read with [`wire::read_name`], a bounded decompressor (backward pointers only,
 /// 255 octets at most), straight from the wire: no message model is built for this walk.
 pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
-    follow_at(msg, Some(start), qtype, chain)
+    follow_at(msg, Some(start), None, qtype, chain)
 }
 
-/// [`follow`] from the chain's own start name, without a copy of it for the common answer
-/// that holds no CNAME.
-pub fn follow_start(msg: &[u8], qtype: u16, chain: &mut Chain) -> Step {
-    follow_at(msg, None, qtype, chain)
+/// [`follow`] from the chain's own start name, for a reply `surveyed` by [`survey`] (so an
+/// answer without a CNAME, the common case, is settled without another walk).
+pub fn follow_start(msg: &[u8], surveyed: Survey, qtype: u16, chain: &mut Chain) -> Step {
+    follow_at(msg, None, Some(surveyed), qtype, chain)
 }
 
 /// `start`: where the walk begins; `None` for the chain's start.
-fn follow_at(msg: &[u8], start: Option<&[u8]>, qtype: u16, chain: &mut Chain) -> Step {
+fn follow_at(
+    msg: &[u8],
+    start: Option<&[u8]>,
+    surveyed: Option<Survey>,
+    qtype: u16,
+    chain: &mut Chain,
+) -> Step {
     // Most answers hold no CNAME: then there is no chain to walk, and no need to decompress
     // a single name (or to allocate anything) to know it. A continuing chain (a chase
     // answer) walks on: it found its records already, or has none.
     if chain.links.is_empty() {
-        match any_cname(msg) {
+        match surveyed.unwrap_or_else(|| survey(msg)).cname {
             None => return Step::Fail(Skip::Malformed),
             Some(false) => return Step::Fail(Skip::NoChain),
             Some(true) => {}
@@ -402,16 +425,7 @@ pub fn is_subdomain(name: &[u8], zone: &[u8]) -> bool {
     false
 }
 
-/// Whether a reply's rcode (with the OPT's extended bits) is plain NOERROR.
-pub fn is_noerror(msg: &[u8]) -> bool {
-    let Some(h) = Header::read(msg) else {
-        return false;
-    };
-    h.rcode() == wire::RCODE_NOERROR
-        && crate::response::opt_of(msg).is_none_or(|o| o.ttl >> 24 == 0)
-}
-
-/// The header rcode of a chase reply (`is_noerror` also checks the extended bits).
+/// The header rcode of a chase reply ([`survey`] also checks the extended bits).
 pub fn rcode(msg: &[u8]) -> Option<u8> {
     Header::read(msg).map(|h| h.rcode())
 }
@@ -518,4 +532,49 @@ pub fn chase_query(name: &[u8], qtype: u16, udp_size: u16) -> Vec<u8> {
     q.extend_from_slice(&udp_size.to_be_bytes());
     q.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
     q
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// `www.example.` A: one answer (`answer`: type, RDATA), then an OPT with `ext` as its
+    /// extended rcode bits.
+    fn reply(rcode: u8, answer: &str, ext: u8) -> Vec<u8> {
+        let mut m = hex("12348180000100010000000103777777076578616d706c650000010001c00c");
+        m[3] |= rcode;
+        m.extend_from_slice(&hex(answer));
+        m.extend_from_slice(&[0, 0, 41, 4, 208, ext, 0, 0, 0, 0, 0]);
+        m
+    }
+
+    const A: &str = "000100010000003c0004c0000201";
+    const CNAME: &str = "000500010000003c0002c00c";
+
+    #[test]
+    fn survey_reads_rcode_extended_bits_and_cnames_in_one_walk() {
+        let s = survey(&reply(0, A, 0));
+        assert_eq!((s.noerror, s.cname), (true, Some(false)));
+        assert_eq!(survey(&reply(0, CNAME, 0)).cname, Some(true));
+        // NOERROR in the header, but extended bits set (BADVERS and the like).
+        assert!(!survey(&reply(0, A, 1)).noerror);
+        assert!(!survey(&reply(3, A, 0)).noerror);
+        // Cut inside the answer: judged by the header, no CNAME answer possible.
+        let cut = &reply(0, CNAME, 0)[..40];
+        assert_eq!(
+            survey(cut),
+            Survey {
+                noerror: true,
+                cname: None
+            }
+        );
+        assert!(!survey(&[0x12]).noerror);
+    }
 }

@@ -860,11 +860,12 @@ impl Handler {
             // A cut answer (the TCP retry failed): never flattened, never cached (R16).
             return Err(plain(Skip::Truncated));
         }
-        if !flatten::is_noerror(reply) {
+        let surveyed = flatten::survey(reply);
+        if !surveyed.noerror {
             return Err(plain(Skip::NotNoError));
         }
         let mut chain = Chain::starting_at(start, s.flatten.max_chain);
-        let step = flatten::follow_start(reply, q.qtype, &mut chain);
+        let step = flatten::follow_start(reply, surveyed, q.qtype, &mut chain);
         let nodata = wire::Header::read(reply).is_some_and(|h| h.ancount == 0);
         Ok((chain, step, nodata))
     }

@@ -468,6 +468,8 @@ pub fn read_name(msg: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Result<usize,
                 if out.len() > MAX_NAME_LEN {
                     return Err(WireError::BadName);
                 }
+                // Lowercased once, whole: label lengths (at most 63) are below 'A'.
+                out.make_ascii_lowercase();
                 return Ok(end.unwrap_or(pos + 1));
             }
             0x00 => {
@@ -475,7 +477,7 @@ pub fn read_name(msg: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Result<usize,
                 if out.len() + label.len() + 1 > MAX_NAME_LEN {
                     return Err(WireError::BadName);
                 }
-                push_lower(out, label);
+                out.extend_from_slice(label);
                 pos += label.len();
             }
             0xc0 => {
@@ -491,9 +493,12 @@ pub fn read_name(msg: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Result<usize,
     }
 }
 
-/// Writes `name` (uncompressed wire form) lowercased into `out`.
+/// Writes `name` (uncompressed wire form) lowercased into `out`: copied, then lowercased in
+/// place.
 pub fn push_lower(out: &mut Vec<u8>, name: &[u8]) {
-    out.extend(name.iter().map(u8::to_ascii_lowercase));
+    let from = out.len();
+    out.extend_from_slice(name);
+    out[from..].make_ascii_lowercase();
 }
 
 /// Compares two uncompressed wire names ignoring ASCII case. Label length octets are at most

@@ -395,10 +395,27 @@ fn answers(msg: &[u8]) -> Vec<(usize, u16, u16, u32, Vec<u8>)> {
     out
 }
 
+/// The miss path's `follow_start` (after `survey`) ends where `follow` from the question
+/// name does, with the same chain.
+fn same_from_the_start(
+    msg: &[u8],
+    case: &Case,
+    step: &Step,
+    chain: &Chain,
+) -> Result<(), TestCaseError> {
+    let mut again = Chain::new(&case.names[0], MAX_HOPS);
+    let surveyed = flatten::survey(msg);
+    let from_start = flatten::follow_start(msg, surveyed, case.qtype, &mut again);
+    prop_assert_eq!(&from_start, step);
+    prop_assert_eq!(format!("{again:?}"), format!("{chain:?}"));
+    Ok(())
+}
+
 fn check_case(case: &Case) -> Result<(), TestCaseError> {
     let (question, msg, recs) = case.to_wire();
     let mut chain = Chain::new(&case.names[0], MAX_HOPS);
     let step = flatten::follow(&msg, &case.names[0], case.qtype, &mut chain);
+    same_from_the_start(&msg, case, &step, &chain)?;
     let hops = case.hops();
 
     // The expected outcome, from the generated data alone.
@@ -496,7 +513,9 @@ proptest! {
         let (question, msg, _) = case.to_wire();
         let msg = &msg[..cut.index(msg.len() + 1)];
         let mut chain = Chain::new(&case.names[0], MAX_HOPS);
-        if let Step::Done(rrs) = flatten::follow(msg, &case.names[0], case.qtype, &mut chain) {
+        let step = flatten::follow(msg, &case.names[0], case.qtype, &mut chain);
+        same_from_the_start(msg, &case, &step, &chain)?;
+        if let Step::Done(rrs) = step {
             prop_assert!(chain.hops() <= MAX_HOPS);
             let ttl = flatten::answer_ttl(&chain, &rrs);
             for l in &chain.links {
