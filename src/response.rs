@@ -43,8 +43,8 @@ impl Prepared {
     /// TTL passes through `ttl_fix`. Returns `None` for a reply that cannot be scanned or
     /// whose OPT cannot be rewritten safely (OPT not the last record).
     pub fn new(reply: &[u8], ttl_fix: impl Fn(u32) -> u32) -> Option<Prepared> {
-        // Sized for a typical answer (question, a few records, authority, OPT): no regrowth.
-        let mut records: Vec<RecordPos> = Vec::with_capacity(16);
+        // On the stack for a typical answer (a few records, authority, OPT): no allocation.
+        let mut records: smallvec::SmallVec<[RecordPos; 16]> = smallvec::SmallVec::new();
         let question_end = wire::walk_records(reply, |r| records.push(r.clone())).ok()?;
         // More than one OPT is malformed (RFC 6891 6.1.1); stripping only the first would let
         // a second carry one client's options to another.
