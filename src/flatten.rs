@@ -537,13 +537,7 @@ pub fn chase_query(name: &[u8], qtype: u16, udp_size: u16) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::wire::hex;
 
     /// `www.example.` A: one answer (`answer`: type, RDATA), then an OPT with `ext` as its
     /// extended rcode bits.

@@ -493,6 +493,16 @@ pub fn read_name(msg: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Result<usize,
     }
 }
 
+/// Bytes from hex digits (whitespace ignored), for tests.
+#[cfg(test)]
+pub(crate) fn hex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 /// Writes `name` (uncompressed wire form) lowercased into `out`: copied, then lowercased in
 /// place.
 pub fn push_lower(out: &mut Vec<u8>, name: &[u8]) {

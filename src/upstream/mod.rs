@@ -519,13 +519,7 @@ pub fn well_formed_domain(reply: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::wire::hex;
 
     #[test]
     fn a_reply_with_two_opt_records_is_rejected() {

@@ -146,14 +146,7 @@ fn options_fit(mut rdata: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::wire::hex;
 
     /// www.example. A: CNAME to a.example. (compressed), its A, an SOA, an OPT with a cookie.
     fn reply() -> Vec<u8> {
