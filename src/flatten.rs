@@ -12,6 +12,7 @@
 
 use crate::config::{Exclude, FlattenConfig};
 use crate::wire::{self, Header, HEADER_LEN};
+use smallvec::SmallVec;
 
 /// Why an answer is passed through unflattened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,13 +62,18 @@ impl Skip {
     }
 }
 
-/// One record of the final RRset.
+/// One record of the final RRset. Its RDATA (an address: 4 or 16 octets) and the RRset
+/// itself (nearly always one or two addresses) are inline: a flattened answer allocates
+/// neither on its way to the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rr {
     pub rtype: u16,
     pub ttl: u32,
-    pub rdata: Vec<u8>,
+    pub rdata: SmallVec<[u8; 16]>,
 }
+
+/// The records a chain ends at.
+pub type Rrs = SmallVec<[Rr; 2]>;
 
 /// One CNAME link walked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +149,7 @@ impl Chain {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// The chain ends here with these records of the asked type.
-    Done(Vec<Rr>),
+    Done(Rrs),
     /// The chain goes on at this name (lowercased wire form), which the message does not answer.
     Continue(Vec<u8>),
     Fail(Skip),
@@ -318,10 +324,15 @@ fn walk(
         return Step::Fail(Skip::Malformed);
     }
 
-    let at = |f: &Found, cname: bool, cur: &[u8]| {
-        (f.rtype == wire::TYPE_CNAME) == cname && names[f.owner.clone()] == *cur
+    // The name the walk stands at: a range of `names` (the start name is put there too).
+    let mut cur = {
+        let s = start.unwrap_or(&chain.start);
+        names.extend_from_slice(s);
+        names.len() - s.len()..names.len()
     };
-    let mut cur = start.map_or_else(|| chain.start.clone(), <[u8]>::to_vec);
+    let at = |f: &Found, cname: bool, cur: &std::ops::Range<usize>| {
+        (f.rtype == wire::TYPE_CNAME) == cname && names[f.owner.clone()] == names[cur.clone()]
+    };
     loop {
         let mut at_cur = found.iter().filter(|f| at(f, true, &cur));
         match (at_cur.next(), at_cur.next()) {
@@ -343,17 +354,16 @@ fn walk(
                     target: target.to_vec(),
                     ttl: link.ttl,
                 });
-                cur.clear();
-                cur.extend_from_slice(target);
+                cur = link.target.clone();
             }
             (None, _) => {
-                let rrs: Vec<Rr> = found
+                let rrs: Rrs = found
                     .iter()
                     .filter(|f| at(f, false, &cur))
                     .map(|f| Rr {
                         rtype: f.rtype,
                         ttl: f.ttl,
-                        rdata: msg[f.rdata.clone()].to_vec(),
+                        rdata: SmallVec::from_slice(&msg[f.rdata.clone()]),
                     })
                     .collect();
                 if !rrs.is_empty() {
@@ -365,7 +375,7 @@ fn walk(
                 if chain.links.is_empty() {
                     return Step::Fail(Skip::NoChain);
                 }
-                return Step::Continue(cur);
+                return Step::Continue(names[cur].to_vec());
             }
         }
     }

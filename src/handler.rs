@@ -876,7 +876,7 @@ impl Handler {
         q: &Query<'_>,
         reply: &[u8],
         chain: &Chain,
-        completed: Result<(Vec<flatten::Rr>, u32), Fallback>,
+        completed: Result<(flatten::Rrs, u32), Fallback>,
         zone_alias: bool,
     ) -> Result<(Vec<u8>, u32), Fallback> {
         self.note(|| Event::Chain(chain.links.clone()));
@@ -910,7 +910,7 @@ impl Handler {
         mut step: Step,
         qtype: u16,
         deadline: Instant,
-    ) -> Result<(Vec<flatten::Rr>, u32), Fallback> {
+    ) -> Result<(flatten::Rrs, u32), Fallback> {
         // Once a chase answer decided the outcome, the upstream's answer may be cached only as
         // long as that chase answer holds: a fallback must not outlive its reason (F4).
         let mut cap: Option<u32> = None;
