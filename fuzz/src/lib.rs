@@ -185,7 +185,11 @@ pub fn check_flatten(msg: &[u8], qtype: u16, question: &[u8]) -> Step {
     assert_eq!(finals.len(), rrs.len(), "final RRset incomplete or padded");
     for (rr, rec) in rrs.iter().zip(&finals) {
         assert_eq!(rr.rtype, qtype);
-        assert_eq!(rr.rdata[..], rec.rdata[..], "final record order or data changed");
+        assert_eq!(
+            rr.rdata[..],
+            rec.rdata[..],
+            "final record order or data changed"
+        );
         assert_eq!(rr.ttl, sane(rec.ttl));
     }
 
