@@ -303,6 +303,17 @@ async fn forged_replies_are_ignored() {
     assert_eq!(r.answer_no_ttl(), vec!["www.example. A 192.0.2.1"]);
 }
 
+#[tokio::test]
+async fn a_reply_carrying_the_client_s_own_id_is_not_taken_for_the_answer() {
+    // The ID checked is the fresh one sent upstream (R2, R3), not the one the client chose.
+    let mock = Mock::start(ZONE).await;
+    mock.set("www.example.", Behavior::ForgeId(0x4242));
+    let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    let r = proxy.udp(&Q::new("www.example.", A).id(0x4242)).await;
+    assert_eq!(r.id, 0x4242);
+    assert_eq!(r.answer_no_ttl(), vec!["www.example. A 192.0.2.1"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_misses_use_random_ids_and_at_least_7500_source_ports() {
     // R2 / RFC 5452: every miss a fresh random ID and a fresh random source port. Names

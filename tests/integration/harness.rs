@@ -364,6 +364,10 @@ pub enum Behavior {
     TruncateUdpPartial,
     /// Send forged replies (wrong ID, wrong question, from another port) before the real one.
     Spoof,
+    /// Before the real reply, a forged one with this ID (the right question, A 6.6.6.6):
+    /// a test gives it the client's own ID, which is not the one flatdns sent upstream.
+    /// Left out in the rare case the ID sent is this one.
+    ForgeId(u16),
     /// Set AD=1 on the answer.
     Ad,
     /// Reply with the right ID and question but a malformed body: a compression-pointer loop
@@ -691,6 +695,15 @@ async fn respond(st: &Mutex<MockState>, q: &[u8], src: SocketAddr, tcp: bool) ->
     }
     opt(&mut m);
     let mut out = Vec::new();
+    if let Behavior::ForgeId(forged_id) = behavior {
+        if forged_id != id {
+            let mut forged = header(0, 1, 0, false, false);
+            forged[..2].copy_from_slice(&forged_id.to_be_bytes());
+            forged[11] = 0;
+            forged.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 6, 6, 6, 6]);
+            out.push(forged);
+        }
+    }
     if behavior == Behavior::Spoof {
         let mut wrong_id = m.clone();
         wrong_id[0] ^= 0xff;
