@@ -309,6 +309,10 @@ async fn a_reply_carrying_the_client_s_own_id_is_not_taken_for_the_answer() {
     let mock = Mock::start(ZONE).await;
     mock.set("www.example.", Behavior::ForgeId(0x4242));
     let proxy = Proxy::start(&[mock.addr], |_| {}).await;
+    // Misses go to the listener's reply thread once it runs (until then, to tasks, whose
+    // check is the same but separate): a first miss and a pause give it time to start.
+    proxy.udp(&Q::new("other.example.", A)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let r = proxy.udp(&Q::new("www.example.", A).id(0x4242)).await;
     assert_eq!(r.id, 0x4242);
     assert_eq!(r.answer_no_ttl(), vec!["www.example. A 192.0.2.1"]);
