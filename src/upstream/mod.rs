@@ -478,8 +478,9 @@ pub fn answers(query: &[u8], id: u16, reply: &[u8]) -> bool {
 /// Whether every name in `reply` decompresses (no pointer loops, forward pointers or names
 /// over 255 octets) and every record of a known type parses. The hot path's scanner never
 /// follows pointers, so without this a reply with a pointer loop would be passed to the
-/// client (R20). Runs once per upstream reply, never on a cache hit: [`valid::scan`] for
-/// the common record types, `domain` for the rest.
+/// client (R20). [`valid::scan`] for the common record types, `domain` for the rest.
+/// [`matches`] makes this same decision for every upstream reply (never on a cache hit),
+/// inline there because it also counts the OPT records on the way.
 pub fn well_formed(reply: &[u8]) -> bool {
     valid::scan(reply).unwrap_or_else(|| well_formed_domain(reply))
 }
