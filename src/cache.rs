@@ -149,6 +149,12 @@ impl Entry {
     }
 }
 
+/// A key as moka stores it: inline up to 48 octets (a name of up to 43, which is nearly every
+/// name), spilled to the heap beyond. moka puts every key in an `Arc` of its own, so a boxed
+/// key was one more allocation per cached entry. It hashes and compares as the `[u8]` it
+/// holds, so lookups by `&[u8]` find it.
+type StoredKey = smallvec::SmallVec<[u8; 48]>;
+
 /// Tells moka when to drop an entry: at its expiry, plus the serve-stale window if any.
 struct Expire {
     stale: Duration,
@@ -164,10 +170,10 @@ impl Expire {
     }
 }
 
-impl Expiry<Box<[u8]>, Arc<Entry>> for Expire {
+impl Expiry<StoredKey, Arc<Entry>> for Expire {
     fn expire_after_create(
         &self,
-        _: &Box<[u8]>,
+        _: &StoredKey,
         v: &Arc<Entry>,
         _: std::time::Instant,
     ) -> Option<Duration> {
@@ -175,7 +181,7 @@ impl Expiry<Box<[u8]>, Arc<Entry>> for Expire {
     }
     fn expire_after_update(
         &self,
-        _: &Box<[u8]>,
+        _: &StoredKey,
         v: &Arc<Entry>,
         _: std::time::Instant,
         _: Option<Duration>,
@@ -248,7 +254,7 @@ impl Doorkeeper {
 
 /// The bounded answer cache. A size of 0 disables it.
 pub struct Cache {
-    inner: Option<Moka<Box<[u8]>, Arc<Entry>, foldhash::fast::RandomState>>,
+    inner: Option<Moka<StoredKey, Arc<Entry>, foldhash::fast::RandomState>>,
     doorkeeper: Doorkeeper,
     /// Wire bytes of every answer inserted (for the size estimate in the metrics).
     inserted_bytes: Arc<AtomicU64>,
@@ -354,7 +360,7 @@ impl Cache {
                 self.metrics.cache_insertions.inc();
                 self.inserted_bytes
                     .fetch_add(entry.answer.len() as u64, Ordering::Relaxed);
-                c.insert(key.into(), entry);
+                c.insert(StoredKey::from_slice(key), entry);
             }
         }
     }
@@ -532,6 +538,38 @@ mod tests {
         assert_eq!(e.answer.min_ttl(), Some(300));
         let m = msg(wire::RCODE_NXDOMAIN, &[], &[], &[]);
         assert_eq!(c.lifetime(&m), (Kind::Uncached, 0), "no SOA: not cached");
+    }
+
+    #[test]
+    fn keys_inline_and_spilled_are_found_whole_and_only_whole() {
+        let c = policy();
+        let now = Instant::now();
+        let m = answer_a(600);
+        // Around the 48 octets a stored key holds inline (5 + name): 47, 48, 49, and 260.
+        let lens = [42usize, 43, 44, 255];
+        let keys: Vec<Key> = (b'a'..)
+            .zip(lens)
+            .map(|(c, n)| Key::new(keyflag::RD, 1, 1, &vec![c; n]).unwrap())
+            .collect();
+        for k in &keys {
+            c.insert(k.as_bytes(), Arc::new(c.entry_for(&m, now, None).unwrap()));
+        }
+        for k in &keys {
+            assert!(
+                c.get(k.as_bytes(), now).is_some(),
+                "{} octets",
+                k.as_bytes().len()
+            );
+            // The same key with its last octet changed, or cut short, is another key (R5).
+            let mut other = k.as_bytes().to_vec();
+            if let Some(last) = other.last_mut() {
+                *last = b'z';
+            }
+            assert!(c.get(&other, now).is_none());
+            assert!(c
+                .get(&k.as_bytes()[..k.as_bytes().len() - 1], now)
+                .is_none());
+        }
     }
 
     #[test]
