@@ -549,7 +549,7 @@ mod tests {
         let lens = [42usize, 43, 44, 255];
         let keys: Vec<Key> = (b'a'..)
             .zip(lens)
-            .map(|(c, n)| Key::new(keyflag::RD, 1, 1, &vec![c; n]).unwrap())
+            .map(|(octet, n)| Key::new(keyflag::RD, 1, 1, &vec![octet; n]).unwrap())
             .collect();
         for k in &keys {
             c.insert(k.as_bytes(), Arc::new(c.entry_for(&m, now, None).unwrap()));
