@@ -260,7 +260,9 @@ def cmd_report(d, out_json):
                 row["flatdns"]["median_us_per_query"] / summary["hot"]["dnsdist"]["median_us_per_query"], 3)
 
     # Throughput: per proxy, the round with the median queries/s (the lower middle one for
-    # an even count), with the spread over rounds.
+    # an even count), with the spread over rounds; and, on its own, the median over rounds
+    # of the queries answered per proxy CPU-second (the proxy's capacity, which need not come
+    # from the same round).
     by_proxy = {}
     for r in runs:
         if r["kind"] == "tput":
@@ -271,6 +273,9 @@ def cmd_report(d, out_json):
         med = dict(rs[(len(rs) - 1) // 2])
         med["rounds"] = len(rs)
         med["qps_min"], med["qps_max"] = rs[0]["qps"], rs[-1]["qps"]
+        per_cpu_s = [r["completed"] / (r["proxy_cpu_ticks"] / r["clk_tck"])
+                     for r in rs if r["proxy_cpu_ticks"] and r["clk_tck"]]
+        med["per_cpu_s_median"] = round(statistics.median(per_cpu_s)) if per_cpu_s else None
         tput[p] = med
 
     mem_rows = read_tsv(os.path.join(d, "memory.tsv"), MEM_FIELDS)
@@ -401,7 +406,8 @@ def cmd_report(d, out_json):
     if tput:
         out.append("")
         out.append(f"Saturating throughput, hot scenario ({meta.get('tput_args')}, {meta.get('tput_seconds')} s; "
-                   "the round with the median queries/s, and the range over rounds):")
+                   "the round with the median queries/s and the range over rounds; the last column "
+                   "is its own median over rounds):")
         out.append("")
         out.append("| proxy | queries/s | range over rounds | answered | proxy CPU | dnsperf CPU | proxy us/q | queries per proxy CPU-second |")
         out.append("|---|---|---|---|---|---|---|---|")
@@ -410,7 +416,7 @@ def cmd_report(d, out_json):
                 continue
             r = tput[p]
             ans = 100 * r["completed"] / r["sent"] if r["sent"] else 0
-            per_cpu_s = r["completed"] / (r["proxy_cpu_ticks"] / hz) if r["proxy_cpu_ticks"] else None
+            per_cpu_s = r["per_cpu_s_median"]
             out.append(f"| {p} | {r['qps']:.0f} | {r['qps_min']:.0f}-{r['qps_max']:.0f} ({r['rounds']}) | "
                        f"{ans:.2f}% | {fmt(r['proxy_cpu_pct'], 0)}% | "
                        f"{fmt(r['dnsperf_cpu_pct'], 0)}% | {fmt(r['us_per_query'], 2)} | "
@@ -447,15 +453,18 @@ def cmd_report(d, out_json):
                          f"the bound {'holds' if m['bound_holds'] else 'does NOT hold'}")
             out.append(line + ".")
             out.append(f"  - RSS after each quarter (names sent: MB): {steps}")
-    waits = sorted(r["proxy_wait_pct"] for r in runs if r["proxy_wait_pct"] is not None)
+    # Over the fixed-rate runs, whose CPU figures the tables give: a saturating run loads the
+    # machine itself, so its CPU pressure says nothing about other work.
+    fixed_runs = [r for r in runs if r["kind"] == "fixed"]
+    waits = sorted(r["proxy_wait_pct"] for r in fixed_runs if r["proxy_wait_pct"] is not None)
     if waits:
         out.append("")
-        out.append(f"Noise: the proxy under test sat runnable but waiting for CPU {meta.get('proxy_cpu')} "
-                   f"for a median {statistics.median(waits):.1f}% (max {waits[-1]:.1f}%) of each run's time "
+        out.append(f"Noise, over the fixed-rate runs: the proxy under test sat runnable but waiting for CPU "
+                   f"{meta.get('proxy_cpu')} for a median {statistics.median(waits):.1f}% (max {waits[-1]:.1f}%) of each run's time "
                    f"(schedstat run delay summed over its threads, so above 100% when several wait at "
                    f"once; its own threads queueing behind each other count too); "
                    f"system-wide CPU pressure (PSI some) median "
-                   f"{statistics.median(r['psi_cpu_some_pct'] for r in runs):.0f}%. Load average "
+                   f"{statistics.median(r['psi_cpu_some_pct'] for r in fixed_runs):.0f}%. Load average "
                    f"{meta.get('loadavg_at_start')} at the start, {meta.get('loadavg_at_end')} at the end.")
     if warnings:
         out.append("")
