@@ -113,6 +113,22 @@ fn benches(c: &mut Criterion) {
         }
     };
     c.bench_function("flatten: 2 addresses", |b| b.iter(|| flat(&reply)));
+    // As the e2e harness's flattened misses: a longer name, one address.
+    let long_q = query("r1234567.fmiss.bench.test.");
+    let long_start = name("r1234567.fmiss.bench.test.");
+    let long = chain_reply(&long_q, 1);
+    let long_parsed = Query::parse(&long_q).unwrap();
+    c.bench_function("flatten: 1 address, 5 labels", |b| {
+        b.iter(|| {
+            let mut chain = Chain::new(&long_start, 11);
+            match flatten::follow(&long, &long_start, 1, &mut chain) {
+                Step::Done(rrs) => flatten::build(&long, long_parsed.question(), &rrs, 60)
+                    .unwrap()
+                    .len(),
+                other => panic!("{other:?}"),
+            }
+        })
+    });
     // R22: a worst-case 64 KiB message (4,000 address records).
     let big = chain_reply(&q, 4000);
     assert!(big.len() > 60_000);

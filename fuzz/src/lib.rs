@@ -139,6 +139,23 @@ pub fn check_flatten(msg: &[u8], qtype: u16, question: &[u8]) -> Step {
     let mut chain = Chain::new(START, 11);
     let step = flatten::follow(msg, START, qtype, &mut chain);
     assert!(chain.hops() <= 11, "more than 11 hops followed");
+    // Differential: the walk compares names where they stand; the model reads every name
+    // out and compares bytes. Same outcome, same links, same TTL, on any input.
+    let (model_step, model_links, model_ttl) = follow_model(msg, START, qtype, 11);
+    assert_eq!(step, model_step, "follow and the model disagree");
+    let links: Vec<Link> = chain
+        .links
+        .iter()
+        .map(|l| (l.owner.clone(), l.target.clone(), l.ttl))
+        .collect();
+    assert_eq!(
+        links, model_links,
+        "follow and the model walked different links"
+    );
+    assert_eq!(
+        chain.min_ttl, model_ttl,
+        "follow and the model differ on the TTL"
+    );
     let Step::Done(rrs) = &step else {
         if let Step::Continue(next) = &step {
             assert!(!chain.links.is_empty(), "Continue without a link");
@@ -588,5 +605,122 @@ mod tests {
             done > 300 && not_done > 300,
             "done {done}, not done {not_done}"
         );
+    }
+}
+
+/// A link of [`follow_model`]'s chain: owner, target, TTL.
+pub type Link = (Vec<u8>, Vec<u8>, u32);
+
+/// `flatten::follow` from `start` over a fresh chain, as it was written before it compared
+/// names in place: every name of the question and answer sections read out with
+/// `wire::read_name` (lowercased, decompressed) and compared as bytes. The outcome, the
+/// links and the chain's smallest TTL.
+pub fn follow_model(
+    msg: &[u8],
+    start: &[u8],
+    qtype: u16,
+    max_hops: usize,
+) -> (Step, Vec<Link>, u32) {
+    let mut links: Vec<Link> = Vec::new();
+    let mut min_ttl = u32::MAX;
+    match flatten::survey(msg).cname {
+        None => return (Step::Fail(flatten::Skip::Malformed), links, min_ttl),
+        Some(false) => return (Step::Fail(flatten::Skip::NoChain), links, min_ttl),
+        Some(true) => {}
+    }
+    let malformed = || (Step::Fail(flatten::Skip::Malformed), Vec::new(), u32::MAX);
+    let mut name = Vec::new();
+    let mut pos = HEADER_LEN;
+    for _ in 0..Header::read(msg).map_or(0, |h| h.qdcount) {
+        match wire::read_name(msg, pos, &mut name) {
+            Ok(end) => pos = end + 4,
+            Err(_) => return malformed(),
+        }
+    }
+    // (rtype, ttl, owner, CNAME target, rdata)
+    let mut found: Vec<(u16, u32, Vec<u8>, Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut bad = false;
+    let walked = wire::walk_records(msg, |r| {
+        if bad || r.section != wire::Section::Answer {
+            return;
+        }
+        let mut owner = Vec::new();
+        if wire::read_name(msg, r.start, &mut owner).is_err() {
+            bad = true;
+            return;
+        }
+        if r.class != CLASS_IN || (r.rtype != TYPE_CNAME && r.rtype != qtype) {
+            return;
+        }
+        let want = match r.rtype {
+            TYPE_CNAME => 0,
+            TYPE_A => 4,
+            TYPE_AAAA => 16,
+            _ => return,
+        };
+        let mut target = Vec::new();
+        if want == 0 {
+            match wire::read_name(msg, r.rdata.start, &mut target) {
+                Ok(end) if end == r.rdata.end => {}
+                _ => {
+                    bad = true;
+                    return;
+                }
+            }
+        } else if r.rdata.len() != want {
+            bad = true;
+            return;
+        }
+        let rdata = msg[r.rdata.clone()].to_vec();
+        found.push((r.rtype, sane(r.ttl(msg)), owner, target, rdata));
+    });
+    if walked.is_err() || bad {
+        return malformed();
+    }
+    let mut cur = start.to_vec();
+    loop {
+        let at = |cname: bool, cur: &[u8]| -> Vec<&(u16, u32, Vec<u8>, Vec<u8>, Vec<u8>)> {
+            found
+                .iter()
+                .filter(|f| (f.0 == TYPE_CNAME) == cname && f.2 == cur)
+                .collect()
+        };
+        let cnames = at(true, &cur);
+        match cnames[..] {
+            [_, _, ..] => return (Step::Fail(flatten::Skip::Ambiguous), links, min_ttl),
+            [link] => {
+                if !at(false, &cur).is_empty() {
+                    return (Step::Fail(flatten::Skip::Ambiguous), links, min_ttl);
+                }
+                let target = link.3.clone();
+                if target == start || links.iter().any(|l| l.1 == target) {
+                    return (Step::Fail(flatten::Skip::Loop), links, min_ttl);
+                }
+                if links.len() >= max_hops {
+                    return (Step::Fail(flatten::Skip::TooLong), links, min_ttl);
+                }
+                min_ttl = min_ttl.min(link.1);
+                links.push((cur.clone(), target.clone(), link.1));
+                cur = target;
+            }
+            [] => {
+                let rrs: flatten::Rrs = at(false, &cur)
+                    .into_iter()
+                    .map(|f| flatten::Rr {
+                        rtype: f.0,
+                        ttl: f.1,
+                        rdata: f.4[..].into(),
+                    })
+                    .collect();
+                let step = if links.is_empty() {
+                    Step::Fail(flatten::Skip::NoChain)
+                } else if !rrs.is_empty() {
+                    Step::Done(rrs)
+                } else {
+                    Step::Continue(cur)
+                };
+                return (step, links, min_ttl);
+            }
+        }
     }
 }
