@@ -332,8 +332,18 @@ impl Cache {
 
     /// A fresh entry for `key`, if any.
     pub fn get(&self, key: &[u8], now: Instant) -> Option<Arc<Entry>> {
-        let e = self.inner.as_ref()?.get(key)?;
-        e.is_fresh(now).then_some(e)
+        self.lookup(key, now).ok()
+    }
+
+    /// [`Cache::get`], telling a miss apart: `Err(true)` when an expired entry is still held
+    /// for `key` (an answer to it replaces that entry), `Err(false)` when none is.
+    pub fn lookup(&self, key: &[u8], now: Instant) -> Result<Arc<Entry>, bool> {
+        let e = self.inner.as_ref().and_then(|c| c.get(key)).ok_or(false)?;
+        if e.is_fresh(now) {
+            Ok(e)
+        } else {
+            Err(true)
+        }
     }
 
     /// An expired entry still inside the serve-stale window, if serve-stale is on.
@@ -344,6 +354,17 @@ impl Cache {
     }
 
     pub fn insert(&self, key: &[u8], entry: Arc<Entry>) {
+        self.insert_known(key, entry, None);
+    }
+
+    /// [`Cache::insert`], for a caller that knows from its own [`Cache::lookup`] whether
+    /// an entry is held for `key` (`held`), so a full cache need not be probed again to
+    /// learn whether this insert replaces one. The probe is the costlier half of a miss's
+    /// cache work once the table is too big for the CPU caches. What the lookup saw can have
+    /// changed since (the entry evicted, or put back by a reload's lookup): then the insert
+    /// only errs on the side the doorkeeper already allows for (one entry more evicted, or
+    /// one refresh less kept).
+    pub fn insert_known(&self, key: &[u8], entry: Arc<Entry>, held: Option<bool>) {
         if let Some(c) = &self.inner {
             // A failure must not evict an answer that serve-stale could still give (RFC 8767:
             // stale data is for exactly the time the upstream fails).
@@ -353,7 +374,10 @@ impl Cache {
             if entry.kind != Kind::Uncached {
                 let seen = self.doorkeeper.seen(key);
                 // A key moka still holds is a replacement: it evicts nothing.
-                if !seen && c.entry_count() >= self.policy.size && !c.contains_key(key) {
+                if !seen
+                    && c.entry_count() >= self.policy.size
+                    && !held.unwrap_or_else(|| c.contains_key(key))
+                {
                     self.metrics.cache_skipped.inc();
                     return;
                 }
@@ -572,19 +596,30 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_full_cache_takes_a_name_on_its_second_miss_only() {
+    /// `name{i}` as a key.
+    fn key(i: u32) -> Vec<u8> {
+        format!("name{i}").into_bytes()
+    }
+
+    /// [`policy`]'s cache filled with `name0`..`name9` (every answer goes in while there is
+    /// room), and a maker of entries (an A answer, 600 s) stored at `now`.
+    fn full(now: Instant) -> (Cache, impl Fn(&Cache) -> Arc<Entry>) {
         let c = policy();
         let m = answer_a(600);
-        let now = Instant::now();
-        let entry = || Arc::new(c.entry_for(&m, now, None).unwrap());
-        let key = |i: u32| format!("name{i}").into_bytes();
-        // Filling: every answer goes in.
+        let entry = move |c: &Cache| Arc::new(c.entry_for(&m, now, None).unwrap());
         for i in 0..10 {
-            c.insert(&key(i), entry());
+            c.insert(&key(i), entry(&c));
         }
         assert_eq!(c.entry_count(), 10);
         assert_eq!(c.metrics.cache_skipped.get(), 0);
+        (c, entry)
+    }
+
+    #[test]
+    fn a_full_cache_takes_a_name_on_its_second_miss_only() {
+        let now = Instant::now();
+        let (c, entry) = full(now);
+        let entry = || entry(&c);
         // Full: a new name is not cached on its first miss, and nothing is evicted for it...
         c.insert(&key(100), entry());
         assert!(c.get(&key(100), now).is_none());
@@ -607,6 +642,44 @@ mod tests {
         c.insert(&key(4), entry());
         assert_eq!(c.metrics.cache_skipped.get(), 1);
         assert_eq!(c.metrics.cache_insertions.get(), 13);
+    }
+
+    /// A lookup tells an expired entry still held from none; an insert that passes on what
+    /// its lookup saw is judged by it, without probing the full cache again.
+    #[test]
+    fn a_lookup_tells_held_from_absent_and_an_insert_trusts_it() {
+        let now = Instant::now();
+        let (c, entry) = full(now);
+        let entry = || entry(&c);
+        assert!(c.lookup(&key(1), now).is_ok());
+        let later = now + Duration::from_secs(601);
+        assert_eq!(
+            c.lookup(&key(1), later).err(),
+            Some(true),
+            "expired, still held"
+        );
+        assert_eq!(c.lookup(&key(100), now).err(), Some(false));
+        assert!(c.get(&key(1), later).is_none());
+        // Full, and the filter has forgotten every name: only what the lookup saw decides.
+        for w in c.doorkeeper.bits.iter() {
+            w.store(0, Ordering::Relaxed);
+        }
+        c.insert_known(&key(2), entry(), Some(true));
+        assert_eq!(c.metrics.cache_skipped.get(), 0, "a replacement goes in");
+        c.insert_known(&key(100), entry(), Some(false));
+        assert_eq!(
+            c.metrics.cache_skipped.get(),
+            1,
+            "a new name waits for its second miss"
+        );
+        assert!(c.get(&key(100), now).is_none());
+        c.insert_known(&key(101), entry(), None);
+        assert_eq!(
+            c.metrics.cache_skipped.get(),
+            2,
+            "unknown: probed, and not held"
+        );
+        assert_eq!(c.entry_count(), 10);
     }
 
     #[test]

@@ -79,11 +79,15 @@ enum Fasted<'m> {
 }
 
 /// A query that missed the cache: the scan, the key (none for a query that is never shared,
-/// such as one with ECS), and when it arrived (for the query log).
+/// such as one with ECS), when it arrived (for the query log), and the time the cache was
+/// looked at (if it was), so the miss reads the clock no more.
 struct Missed<'m> {
     q: Query<'m>,
     key: Option<Key>,
     started: Option<std::time::Instant>,
+    now: Option<Instant>,
+    /// Whether the cache still holds an expired entry for the key ([`Cache::lookup`]).
+    held: Option<bool>,
 }
 
 /// What a leader produced for its key: the entry to share, and the upstream's own reply when
@@ -119,6 +123,9 @@ struct Lead {
     _inflight: GaugeGuard,
     /// The cache generation when the lookup started ([`Handler::settle`]).
     generation: u64,
+    /// Whether the cache held an (expired) entry for the key when the miss was found, if
+    /// known ([`Cache::insert_known`]).
+    held: Option<bool>,
 }
 
 /// How a reply came about: where from, and whether it is a flattened answer.
@@ -430,9 +437,13 @@ impl Handler {
             return Fasted::Done(Fast::Reply);
         }
         let key = Key::for_query(&q);
+        let (mut looked, mut held) = (None, None);
         if let Some(key) = &key {
             let now = Instant::now();
-            if let Some(e) = self.cache.get(key.as_bytes(), now) {
+            looked = Some(now);
+            let found = self.cache.lookup(key.as_bytes(), now);
+            held = found.as_ref().err().copied();
+            if let Ok(e) = found {
                 let limit = self.limit(&q, transport);
                 if e.answer
                     .render(q.id(), q.question(), e.age(now), limit, out)
@@ -448,7 +459,13 @@ impl Handler {
                 }
             }
         }
-        Fasted::Miss(Missed { q, key, started })
+        Fasted::Miss(Missed {
+            q,
+            key,
+            started,
+            now: looked,
+            held,
+        })
     }
 
     /// The whole pipeline. Returns the reply to send, or `None` to send nothing.
@@ -594,16 +611,20 @@ impl Handler {
                 self.produce(&s, q, tcp, deadline)
             })
             .await;
-        self.render_got(got, q, client, limit, out)
+        self.render_got(got, q, client, limit, None, out)
     }
 
     /// The client's reply from what its lookup got.
+    ///
+    /// `now`: the time, if the caller has just read the clock (a shared answer's age counts
+    /// from it).
     fn render_got(
         &self,
         got: Got,
         q: &Query<'_>,
         client: IpAddr,
         limit: usize,
+        now: Option<Instant>,
         out: &mut Vec<u8>,
     ) -> Served {
         match got {
@@ -612,7 +633,7 @@ impl Handler {
                 Served::upstream(false)
             }
             Got::Leader(Produced { entry: Some(e), .. }) | Got::Shared(e) => {
-                let age = e.age(Instant::now());
+                let age = e.age(now.unwrap_or_else(Instant::now));
                 if e.answer.render(q.id(), q.question(), age, limit, out) {
                     self.add_cookie(&e.answer, q, client, limit, out);
                     Served::upstream(e.kind == Kind::Flattened)
@@ -635,7 +656,7 @@ impl Handler {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Produced>,
     {
-        match self.role(key) {
+        match self.role(key, None) {
             Role::Lead(lead) => {
                 let p = produce().await;
                 self.settle(lead, &p);
@@ -651,7 +672,8 @@ impl Handler {
 
     /// Joins the lookups in flight for `key`: the first becomes the leader, with an
     /// in-flight permit (R11; without one it fails at once).
-    fn role(&self, key: &[u8]) -> Role {
+    /// `held`: what the caller's cache lookup saw ([`Lead::held`]).
+    fn role(&self, key: &[u8], held: Option<bool>) -> Role {
         match self.inflight.join(key) {
             Join::Leader(leader) => match self.permits.clone().try_acquire_owned() {
                 Ok(permit) => Role::Lead(Lead {
@@ -659,6 +681,7 @@ impl Handler {
                     _permit: permit,
                     _inflight: GaugeGuard::new(&self.metrics.inflight),
                     generation: self.generation.load(Ordering::Acquire),
+                    held,
                 }),
                 Err(_) => {
                     debug!("in-flight limit reached");
@@ -676,7 +699,8 @@ impl Handler {
             // Not into a cache flushed by a reload while this lookup ran: its answer came
             // under the old settings (waiters still get it).
             if self.generation.load(Ordering::Acquire) == lead.generation {
-                self.cache.insert(lead.leader.key(), e.clone());
+                self.cache
+                    .insert_known(lead.leader.key(), e.clone(), lead.held);
             }
         }
         lead.leader.complete(p.entry.clone());

@@ -176,9 +176,12 @@ impl Leader {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let key = self.slot.key.as_bytes();
-        if map.get(key).is_some_and(|s| Arc::ptr_eq(&s.0, &self.slot)) {
-            map.remove(key);
+        // Taken out and put back if it is not this leader's (it always is: a key's slot goes
+        // only when its leader is done, and this one is not yet): one hash, not two.
+        if let Some(other) = map.take(self.slot.key.as_bytes()) {
+            if !Arc::ptr_eq(&other.0, &self.slot) {
+                map.insert(other);
+            }
         }
     }
 }

@@ -116,7 +116,13 @@ impl Handler {
         client: SocketAddr,
         out: &mut Vec<u8>,
     ) -> Started {
-        let Missed { q, key, started } = missed;
+        let Missed {
+            q,
+            key,
+            started,
+            now,
+            held,
+        } = missed;
         if self.trace.is_some() {
             return Started::Async;
         }
@@ -145,9 +151,9 @@ impl Handler {
             );
             return Started::Reply;
         };
-        let now = Instant::now();
+        let now = now.unwrap_or_else(Instant::now);
         let deadline = now + self.config.limits.client_deadline;
-        let lead = match self.role(key.as_bytes()) {
+        let lead = match self.role(key.as_bytes(), held) {
             Role::Lead(lead) => lead,
             Role::Wait(w) => {
                 let (h, msg) = (self.clone(), Bytes::copy_from_slice(q.wire));
@@ -162,7 +168,7 @@ impl Handler {
                 }));
             }
             Role::Failed => {
-                self.reply_into(&q, client, Got::Failed, started, out);
+                self.reply_into(&q, client, Got::Failed, started, None, out);
                 return Started::Reply;
             }
         };
@@ -177,7 +183,7 @@ impl Handler {
             started,
             settings: s,
         });
-        match led.settings.upstream.send_udp(0, q.wire, deadline) {
+        match led.settings.upstream.send_udp(0, q.wire, now, deadline) {
             Ok(sent) => Started::Sent(Miss { led, sent }),
             // Not sent, not counted: attempt 0 again, from a task that can wait to send.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -213,20 +219,23 @@ impl Handler {
         started: Option<std::time::Instant>,
     ) -> Vec<u8> {
         let mut out = Vec::new();
-        self.reply_into(q, client, got, started, &mut out);
+        self.reply_into(q, client, got, started, None, &mut out);
         out
     }
 
+    /// Renders the client's reply to `q` from `got` into `out`, counted and logged. `now`:
+    /// the time, if the caller has just read it ([`Handler::render_got`]).
     fn reply_into(
         &self,
         q: &Query<'_>,
         client: SocketAddr,
         got: Got,
         started: Option<std::time::Instant>,
+        now: Option<Instant>,
         out: &mut Vec<u8>,
     ) {
         let limit = self.limit(q, Transport::Udp);
-        let served = self.render_got(got, q, client.ip(), limit, out);
+        let served = self.render_got(got, q, client.ip(), limit, now, out);
         debug!(%client, qtype = q.qtype, rcode = out.get(3).map(|b| b & 0x0f), len = out.len(), "answered");
         self.done(Transport::Udp, client, Some(q), out, served, started);
     }
@@ -296,7 +305,11 @@ impl Miss {
         }
         drop(sent);
         let upstream = &led.settings.upstream;
-        let reply = match upstream.received(0, Ok((reply, led.began.elapsed()))) {
+        // The one clock read of the reply's side: how long the attempt took, and the age the
+        // answer is given with.
+        let now = Instant::now();
+        let took = now.saturating_duration_since(led.began);
+        let reply = match upstream.received(0, Ok((reply, took))) {
             Ok((reply, _)) => reply,
             Err(from) => return Progress::Task(led.go_on(Next::Resume(from))),
         };
@@ -315,25 +328,9 @@ impl Miss {
             started,
             ..
         } = *led;
-        h.finish_led(lead, p, &q, client, started, out);
+        h.settle(lead, &p);
+        h.reply_into(&q, client, Got::Leader(p), started, Some(now), out);
         Progress::Reply
-    }
-}
-
-impl Handler {
-    /// Settles a miss's lookup ([`Handler::settle`]) and renders the client's reply to `q`
-    /// (the scan of the miss's query) into `out`.
-    fn finish_led(
-        &self,
-        lead: Lead,
-        p: Produced,
-        q: &Query<'_>,
-        client: SocketAddr,
-        started: Option<std::time::Instant>,
-        out: &mut Vec<u8>,
-    ) {
-        self.settle(lead, &p);
-        self.reply_into(q, client, Got::Leader(p), started, out);
     }
 }
 
@@ -390,7 +387,8 @@ impl Led {
             } = self;
             let q = Query::parse(&msg).ok()?;
             let mut out = Vec::new();
-            h.finish_led(lead, p, &q, client, started, &mut out);
+            h.settle(lead, &p);
+            h.reply_into(&q, client, Got::Leader(p), started, None, &mut out);
             Some(out)
         })
     }

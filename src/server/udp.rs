@@ -291,6 +291,10 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
     // Every reply this thread sends is rendered here: no allocation per answered miss.
     let mut out = Vec::with_capacity(4096);
     let mut expired = Vec::new();
+    // The clock is read once per round, after the events: timeouts are judged by it, and
+    // the next wait is measured from it. A timeout can so fire late by the microseconds it
+    // takes to hand the expired misses on.
+    let mut now = Instant::now();
     loop {
         let next = {
             let mut t = misses.lock();
@@ -298,7 +302,7 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
             t.deadlines.peek()
         };
         let wait = next
-            .map_or(POLL, |(at, _)| at.saturating_duration_since(Instant::now()))
+            .map_or(POLL, |(at, _)| at.saturating_duration_since(now))
             .min(POLL);
         if let Err(e) = poll.poll(&mut events, Some(wait)) {
             if e.kind() != io::ErrorKind::Interrupted {
@@ -323,7 +327,7 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
                 Err(_) => error!(%client, "a query's miss path panicked"),
             }
         }
-        let now = Instant::now();
+        now = Instant::now();
         {
             let mut t = misses.lock();
             while let Some((at, token)) = t.deadlines.peek() {

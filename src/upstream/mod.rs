@@ -180,14 +180,21 @@ impl Upstream {
     /// own random port, R2) holding the query with a fresh random ID. The caller waits for
     /// the socket itself, checks replies with [`answers`] against the query and [`Sent::id`], and hands
     /// the outcome to [`Upstream::received`]. The listeners' miss path uses this to run a
-    /// miss without a runtime task.
-    pub fn send_udp(&self, attempt: usize, query: &[u8], deadline: Instant) -> io::Result<Sent> {
+    /// miss without a runtime task. `now`: the time as the caller just read it (the attempt
+    /// begins then).
+    pub fn send_udp(
+        &self,
+        attempt: usize,
+        query: &[u8],
+        now: Instant,
+        deadline: Instant,
+    ) -> io::Result<Sent> {
         let index = attempt % self.servers.len().max(1);
         let Some(&server) = self.servers.get(index) else {
             return Err(io::ErrorKind::NotConnected.into());
         };
         let id = rand::random::<u16>();
-        let began = Instant::now();
+        let began = now;
         let sock = udp_socket(server);
         let sent = sock.and_then(|s| send_with_id(&s, query, id).map(|_| s));
         // EAGAIN (a full buffer: memory pressure) is not the server's fault: the caller retries
