@@ -196,9 +196,8 @@ pub fn survey(msg: &[u8]) -> Survey {
 
 /// Follows the chain from `start` through the answer section of `msg`.
 ///
-/// Names are checked with [`wire::check_name`], under [`wire::read_name`]'s bounds (backward
-/// pointers only, 255 octets at most), and compared where they stand in the message: no
-/// message model is built for this walk, and only the CNAME targets on the chain are copied.
+/// Names are read with [`wire::read_name`], a bounded decompressor (backward pointers only,
+/// 255 octets at most), straight from the wire: no message model is built for this walk.
 pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
     follow_at(msg, Some(start), None, qtype, chain)
 }
@@ -231,7 +230,7 @@ fn follow_at(
         Ok(mut s) => {
             let step = walk(msg, start, qtype, chain, &mut s);
             // A huge reply does not leave a huge buffer behind on the thread.
-            if s.found.capacity() > 256 || s.start.capacity() > 1024 {
+            if s.names.capacity() > 4096 || s.found.capacity() > 256 {
                 *s = Scratch::default();
             }
             step
@@ -241,27 +240,19 @@ fn follow_at(
 }
 
 /// [`follow`]'s working buffers, kept per thread: a flattened miss would otherwise allocate
-/// them (on a thread that rarely frees what it allocates, so each allocation takes glibc's
-/// slow path).
+/// three of them (on a thread that rarely frees what it allocates, so each allocation takes
+/// glibc's slow path).
 #[derive(Default)]
 struct Scratch {
+    /// Owners and CNAME targets of the records that can be on the chain, lowercased.
+    names: Vec<u8>,
     found: Vec<Found>,
-    /// The name the walk starts at.
-    start: Vec<u8>,
-    /// A CNAME target being read.
+    /// The name being read.
     name: Vec<u8>,
 }
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-}
-
-/// The name a walk stands at: where it starts, or a CNAME's target in the message (the
-/// last link's `target`, read out).
-#[derive(Clone, Copy)]
-enum Cur {
-    Start,
-    At(usize),
 }
 
 fn walk(
@@ -273,20 +264,14 @@ fn walk(
 ) -> Step {
     // One scan: every name of the question and answer sections must decompress, whatever
     // record it owns, since a message with one unreadable name is malformed as a whole (R20).
-    // Names are checked and compared where they stand (a record's owner is nearly always a
-    // pointer to the question or to a CNAME's target, so most comparisons end at the first
-    // octet); only a CNAME target that joins the chain is read out.
-    let Scratch {
-        found,
-        start: first,
-        name,
-    } = scratch;
+    // The owners (and CNAME targets) of the records that can be on the chain are kept,
+    // lowercased, in one buffer; nothing else is copied until the chain is known.
+    let Scratch { names, found, name } = scratch;
+    names.clear();
     found.clear();
-    first.clear();
-    first.extend_from_slice(start.unwrap_or(&chain.start));
     let mut pos = HEADER_LEN;
     for _ in 0..Header::read(msg).map_or(0, |h| h.qdcount) {
-        match wire::check_name(msg, pos) {
+        match wire::read_name(msg, pos, name) {
             Ok(end) => pos = end + 4,
             Err(_) => return Step::Fail(Skip::Malformed),
         }
@@ -296,7 +281,7 @@ fn walk(
         if malformed || r.section != wire::Section::Answer {
             return;
         }
-        if wire::check_name(msg, r.start).is_err() {
+        if wire::read_name(msg, r.start, name).is_err() {
             malformed = true;
             return;
         }
@@ -309,12 +294,20 @@ fn walk(
             wire::TYPE_AAAA => 16,
             _ => return,
         };
+        let owner = names.len()..names.len() + name.len();
+        names.extend_from_slice(name);
+        let mut target = 0..0;
         if want == 0 {
             // The target must fill the RDATA exactly (RFC 1035 3.3.1).
-            if wire::check_name(msg, r.rdata.start) != Ok(r.rdata.end) {
-                malformed = true;
-                return;
+            match wire::read_name(msg, r.rdata.start, name) {
+                Ok(end) if end == r.rdata.end => {}
+                _ => {
+                    malformed = true;
+                    return;
+                }
             }
+            target = names.len()..names.len() + name.len();
+            names.extend_from_slice(name);
         } else if r.rdata.len() != want {
             malformed = true;
             return;
@@ -322,7 +315,8 @@ fn walk(
         found.push(Found {
             rtype: r.rtype,
             ttl: sane_ttl(r.ttl(msg)),
-            owner: r.start,
+            owner,
+            target,
             rdata: r.rdata.clone(),
         });
     });
@@ -330,47 +324,42 @@ fn walk(
         return Step::Fail(Skip::Malformed);
     }
 
-    let mut cur = Cur::Start;
-    let at = |f: &Found, cname: bool, cur: Cur| {
-        (f.rtype == wire::TYPE_CNAME) == cname
-            && match cur {
-                Cur::Start => wire::name_is_at(msg, f.owner, first),
-                Cur::At(p) => wire::names_eq_at(msg, f.owner, p),
-            }
+    // The name the walk stands at: a range of `names` (the start name is put there too).
+    let mut cur = {
+        let s = start.unwrap_or(&chain.start);
+        names.extend_from_slice(s);
+        names.len() - s.len()..names.len()
+    };
+    let at = |f: &Found, cname: bool, cur: &std::ops::Range<usize>| {
+        (f.rtype == wire::TYPE_CNAME) == cname && names[f.owner.clone()] == names[cur.clone()]
     };
     loop {
-        let mut at_cur = found.iter().filter(|f| at(f, true, cur));
+        let mut at_cur = found.iter().filter(|f| at(f, true, &cur));
         match (at_cur.next(), at_cur.next()) {
             (Some(_), Some(_)) => return Step::Fail(Skip::Ambiguous),
             (Some(link), None) => {
-                if found.iter().any(|f| at(f, false, cur)) {
+                if found.iter().any(|f| at(f, false, &cur)) {
                     return Step::Fail(Skip::Ambiguous);
                 }
-                if wire::read_name(msg, link.rdata.start, name).is_err() {
-                    return Step::Fail(Skip::Malformed);
-                }
-                if chain.visits(name) {
+                let target = &names[link.target.clone()];
+                if chain.visits(target) {
                     return Step::Fail(Skip::Loop);
                 }
                 if chain.links.len() >= chain.max_hops {
                     return Step::Fail(Skip::TooLong);
                 }
-                let owner = match (cur, chain.links.last()) {
-                    (Cur::At(_), Some(last)) => last.target.clone(),
-                    _ => first.clone(),
-                };
                 chain.min_ttl = chain.min_ttl.min(link.ttl);
                 chain.links.push(Link {
-                    owner,
-                    target: name.clone(),
+                    owner: names[link.owner.clone()].to_vec(),
+                    target: target.to_vec(),
                     ttl: link.ttl,
                 });
-                cur = Cur::At(link.rdata.start);
+                cur = link.target.clone();
             }
             (None, _) => {
                 let rrs: Rrs = found
                     .iter()
-                    .filter(|f| at(f, false, cur))
+                    .filter(|f| at(f, false, &cur))
                     .map(|f| Rr {
                         rtype: f.rtype,
                         ttl: f.ttl,
@@ -386,21 +375,19 @@ fn walk(
                 if chain.links.is_empty() {
                     return Step::Fail(Skip::NoChain);
                 }
-                return Step::Continue(match (cur, chain.links.last()) {
-                    (Cur::At(_), Some(last)) => last.target.clone(),
-                    _ => first.clone(),
-                });
+                return Step::Continue(names[cur].to_vec());
             }
         }
     }
 }
 
-/// An answer record that can be on a chain, as [`follow`] found it: where its owner name
-/// and its RDATA (a CNAME's target, or an address) stand in the message.
+/// An answer record that can be on a chain, as [`follow`] found it: positions in its name
+/// buffer (`target` is empty but for a CNAME) and in the message.
 struct Found {
     rtype: u16,
     ttl: u32,
-    owner: usize,
+    owner: std::ops::Range<usize>,
+    target: std::ops::Range<usize>,
     rdata: std::ops::Range<usize>,
 }
 

@@ -457,49 +457,28 @@ impl<'a> Query<'a> {
 /// Bounded on untrusted data: every compression pointer must point strictly before the
 /// label it replaces (so a walk can never revisit a position: no loops, and at most one pass
 /// over the message), labels are at most 63 octets and the name at most 255.
-pub fn read_name(msg: &[u8], pos: usize, out: &mut Vec<u8>) -> Result<usize, WireError> {
+pub fn read_name(msg: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Result<usize, WireError> {
     out.clear();
-    let end = decompress(msg, pos, |label| out.extend_from_slice(label))?;
-    out.push(0);
-    // Lowercased once, whole: label lengths (at most 63) are below 'A'.
-    out.make_ascii_lowercase();
-    Ok(end)
-}
-
-/// Whether [`read_name`] would read the name at `pos`, and where it ends, without copying
-/// it: the same rules, for a name that only has to be valid.
-pub fn check_name(msg: &[u8], pos: usize) -> Result<usize, WireError> {
-    decompress(msg, pos, |_| {})
-}
-
-/// The rules of [`read_name`]: hands each label (its length octet, then its octets) to
-/// `label`, in order, and returns the offset just past the name where it stands.
-#[inline(always)]
-fn decompress(
-    msg: &[u8],
-    mut pos: usize,
-    mut label: impl FnMut(&[u8]),
-) -> Result<usize, WireError> {
-    // Octets of the uncompressed name so far, without its root.
-    let mut len = 0;
     let mut end = None;
     loop {
         let b = *msg.get(pos).ok_or(WireError::Short)?;
         match b & 0xc0 {
             0x00 if b == 0 => {
-                if len + 1 > MAX_NAME_LEN {
+                out.push(0);
+                if out.len() > MAX_NAME_LEN {
                     return Err(WireError::BadName);
                 }
+                // Lowercased once, whole: label lengths (at most 63) are below 'A'.
+                out.make_ascii_lowercase();
                 return Ok(end.unwrap_or(pos + 1));
             }
             0x00 => {
-                let l = msg.get(pos..pos + 1 + b as usize).ok_or(WireError::Short)?;
-                if len + l.len() + 1 > MAX_NAME_LEN {
+                let label = msg.get(pos..pos + 1 + b as usize).ok_or(WireError::Short)?;
+                if out.len() + label.len() + 1 > MAX_NAME_LEN {
                     return Err(WireError::BadName);
                 }
-                label(l);
-                len += l.len();
-                pos += l.len();
+                out.extend_from_slice(label);
+                pos += label.len();
             }
             0xc0 => {
                 let target = usize::from(u16_at(msg, pos).ok_or(WireError::Short)? & 0x3fff);
@@ -512,89 +491,6 @@ fn decompress(
             _ => return Err(WireError::BadName),
         }
     }
-}
-
-/// The position of the first label (or root) octet of the name at `pos`: past any
-/// compression pointers that stand there. `None` for a pointer that does not point strictly
-/// backwards, or past the end.
-fn first_label(msg: &[u8], mut pos: usize) -> Option<usize> {
-    loop {
-        let b = *msg.get(pos)?;
-        if b & 0xc0 != 0xc0 {
-            return Some(pos);
-        }
-        let target = usize::from(u16_at(msg, pos)? & 0x3fff);
-        if target >= pos {
-            return None;
-        }
-        pos = target;
-    }
-}
-
-/// Whether the names at `a` and `b` in `msg` (either possibly compressed) are equal ignoring
-/// ASCII case, compared where they stand: nothing is copied, and two names that come to the
-/// same position (a compression pointer to the other, the common case) are equal from there
-/// on without reading further. For names [`check_name`] accepts; anything else is unequal.
-pub fn names_eq_at(msg: &[u8], mut a: usize, mut b: usize) -> bool {
-    // A valid name has at most 128 labels with its root.
-    for _ in 0..=MAX_NAME_LEN / 2 {
-        let (Some(pa), Some(pb)) = (first_label(msg, a), first_label(msg, b)) else {
-            return false;
-        };
-        if pa == pb {
-            return true;
-        }
-        let l = usize::from(msg[pa]);
-        if l != usize::from(msg[pb]) || l > 63 {
-            return false;
-        }
-        if l == 0 {
-            return true;
-        }
-        match (msg.get(pa + 1..pa + 1 + l), msg.get(pb + 1..pb + 1 + l)) {
-            (Some(x), Some(y)) if lower_eq(x, y, true) => {}
-            _ => return false,
-        }
-        (a, b) = (pa + 1 + l, pb + 1 + l);
-    }
-    false
-}
-
-/// Whether `a` lowercased is `b` (lowercased too if `both`), octet for octet. Without an early
-/// exit, so the loop is vectorised: labels are short, and equal ones (the common case) are
-/// read whole anyway.
-#[inline]
-fn lower_eq(a: &[u8], b: &[u8], both: bool) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).fold(0, |diff, (&x, &y)| {
-            let y = if both { y.to_ascii_lowercase() } else { y };
-            diff | (x.to_ascii_lowercase() ^ y)
-        }) == 0
-}
-
-/// Whether the name at `pos` in `msg`, lowercased and uncompressed, is exactly `name` (what
-/// [`read_name`] would read equals `name`), compared where it stands. For names
-/// [`check_name`] accepts; anything else is unequal.
-pub fn name_is_at(msg: &[u8], mut pos: usize, name: &[u8]) -> bool {
-    let mut i = 0;
-    for _ in 0..=MAX_NAME_LEN / 2 {
-        let Some(p) = first_label(msg, pos) else {
-            return false;
-        };
-        let l = usize::from(msg[p]);
-        if l > 63 || name.get(i) != Some(&msg[p]) {
-            return false;
-        }
-        if l == 0 {
-            return i + 1 == name.len();
-        }
-        match (msg.get(p + 1..p + 1 + l), name.get(i + 1..i + 1 + l)) {
-            (Some(w), Some(n)) if lower_eq(w, n, false) => {}
-            _ => return false,
-        }
-        (pos, i) = (p + 1 + l, i + 1 + l);
-    }
-    false
 }
 
 /// Bytes from hex digits (whitespace ignored), for tests.
@@ -651,55 +547,6 @@ mod tests {
         }
         big.push(0);
         assert_eq!(read_name(&big, 12, &mut out), Err(WireError::BadName));
-    }
-
-    /// `check_name` takes and rejects what `read_name` does; the in-place comparisons agree
-    /// with comparing what `read_name` reads, through pointers and across letter case.
-    #[test]
-    fn names_compare_where_they_stand() {
-        // "a.example." at 12, "WWW" + pointer to 12 at 23, "www.A.EXAMPLE." at 29, a
-        // pointer to 23 at 44, "b" + pointer to 14 ("example.") at 46.
-        let mut m = vec![0u8; 12];
-        m.extend_from_slice(b"\x01a\x07example\x00");
-        m.extend_from_slice(b"\x03WWW\xc0\x0c");
-        m.extend_from_slice(b"\x03www\x01A\x07EXAMPLE\x00");
-        m.extend_from_slice(b"\xc0\x17");
-        m.extend_from_slice(b"\x01b\xc0\x0e");
-        let positions = [12, 23, 29, 44, 46];
-        let mut read = Vec::new();
-        for &p in &positions {
-            assert_eq!(check_name(&m, p), read_name(&m, p, &mut read));
-        }
-        for &a in &positions {
-            let mut x = Vec::new();
-            read_name(&m, a, &mut x).unwrap();
-            for &b in &positions {
-                let mut y = Vec::new();
-                read_name(&m, b, &mut y).unwrap();
-                assert_eq!(names_eq_at(&m, a, b), x == y, "{a} {b}");
-                assert_eq!(name_is_at(&m, a, &y), x == y, "{a} {b}");
-            }
-        }
-        assert!(names_eq_at(&m, 23, 44) && names_eq_at(&m, 29, 44));
-        // Compared as given: a name with capitals, or cut short, is not the one on the wire.
-        assert!(!name_is_at(&m, 12, b"\x01A\x07example\x00"));
-        assert!(!name_is_at(&m, 12, b"\x01a\x07example"));
-        assert!(!name_is_at(&m, 12, b"\x01a\x07example\x00\x00"));
-        // Bad names: rejected by check_name as by read_name, and never a given name.
-        for bad in [&[0xc0u8, 12][..], &[0xc0, 14, 0], &[0x40, 0], &[0x05, b'a']] {
-            let mut b = vec![0u8; 12];
-            b.extend_from_slice(bad);
-            assert_eq!(check_name(&b, 12), read_name(&b, 12, &mut read));
-            assert!(check_name(&b, 12).is_err());
-            assert!(!name_is_at(&b, 12, b"\x00"));
-        }
-        let mut big = vec![0u8; 12];
-        for _ in 0..4 {
-            big.push(63);
-            big.extend_from_slice(&[b'x'; 63]);
-        }
-        big.push(0);
-        assert_eq!(check_name(&big, 12), Err(WireError::BadName));
     }
 
     fn query(name: &[u8], qtype: u16) -> Vec<u8> {
