@@ -361,9 +361,9 @@ impl Cache {
     /// an entry is held for `key` (`held`), so a full cache need not be probed again to
     /// learn whether this insert replaces one. The probe is the costlier half of a miss's
     /// cache work once the table is too big for the CPU caches. What the lookup saw can have
-    /// changed since (the entry evicted, or put back by a reload's lookup): then the insert
-    /// only errs on the side the doorkeeper already allows for (one entry more evicted, or
-    /// one refresh less kept).
+    /// changed since (a held entry evicted in the meantime; coalescing keeps any other
+    /// lookup of the key from inserting it): then the insert errs only as the doorkeeper
+    /// already allows for, with one entry more evicted.
     pub fn insert_known(&self, key: &[u8], entry: Arc<Entry>, held: Option<bool>) {
         if let Some(c) = &self.inner {
             // A failure must not evict an answer that serve-stale could still give (RFC 8767:
