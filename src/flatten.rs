@@ -75,13 +75,21 @@ pub struct Rr {
 /// The records a chain ends at.
 pub type Rrs = SmallVec<[Rr; 2]>;
 
+/// A name on a chain (lowercased wire form): inline up to 32 octets, which holds most CNAME
+/// owners and targets (`d111111abcdef8.cloudfront.net` is 31), so walking a link allocates
+/// nothing.
+pub type Name = SmallVec<[u8; 32]>;
+
 /// One CNAME link walked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
-    pub owner: Vec<u8>,
-    pub target: Vec<u8>,
+    pub owner: Name,
+    pub target: Name,
     pub ttl: u32,
 }
+
+/// A chain's links: inline up to two, the most nearly every chain has.
+pub type Links = SmallVec<[Link; 2]>;
 
 /// State of one chain across the messages that answer parts of it.
 #[derive(Debug, Clone)]
@@ -89,7 +97,7 @@ pub struct Chain {
     /// The name the chain starts at (lowercased wire name).
     start: Vec<u8>,
     /// Every link so far, in order: their targets are the names visited after the start.
-    pub links: Vec<Link>,
+    pub links: Links,
     pub min_ttl: u32,
     max_hops: usize,
 }
@@ -104,9 +112,7 @@ impl Chain {
     pub fn starting_at(start: Vec<u8>, max_hops: usize) -> Chain {
         Chain {
             start,
-            // Empty until the first link: most answers have no chain, and an empty Vec costs
-            // no allocation.
-            links: Vec::new(),
+            links: Links::new(),
             min_ttl: u32::MAX,
             max_hops,
         }
@@ -119,7 +125,7 @@ impl Chain {
 
     /// Whether `name` is already on the chain (the start or a target).
     fn visits(&self, name: &[u8]) -> bool {
-        self.start == name || self.links.iter().any(|l| l.target == name)
+        self.start == name || self.links.iter().any(|l| l.target[..] == *name)
     }
     pub fn hops(&self) -> usize {
         self.links.len()
@@ -128,7 +134,7 @@ impl Chain {
     /// Adds a link that no message holds: an ALIAS from the chain's current end to `target`,
     /// with the same loop and length checks as a CNAME.
     pub fn push_alias(&mut self, target: &[u8], ttl: u32) -> Result<(), Skip> {
-        let owner = self.links.last().map_or(&self.start, |l| &l.target).clone();
+        let owner = Name::from_slice(self.links.last().map_or(&self.start[..], |l| &l.target));
         if self.visits(target) {
             return Err(Skip::Loop);
         }
@@ -138,7 +144,7 @@ impl Chain {
         self.min_ttl = self.min_ttl.min(sane_ttl(ttl));
         self.links.push(Link {
             owner,
-            target: target.to_vec(),
+            target: Name::from_slice(target),
             ttl,
         });
         Ok(())
@@ -247,8 +253,6 @@ struct Scratch {
     /// Owners and CNAME targets of the records that can be on the chain, lowercased.
     names: Vec<u8>,
     found: Vec<Found>,
-    /// The name being read.
-    name: Vec<u8>,
 }
 
 thread_local! {
@@ -265,13 +269,16 @@ fn walk(
     // One scan: every name of the question and answer sections must decompress, whatever
     // record it owns, since a message with one unreadable name is malformed as a whole (R20).
     // The owners (and CNAME targets) of the records that can be on the chain are kept,
-    // lowercased, in one buffer; nothing else is copied until the chain is known.
-    let Scratch { names, found, name } = scratch;
+    // lowercased, in one buffer, read straight into it (a name that is not kept is cut off
+    // again); nothing else is copied until the chain is known.
+    let Scratch { names, found } = scratch;
     names.clear();
     found.clear();
     let mut pos = HEADER_LEN;
     for _ in 0..Header::read(msg).map_or(0, |h| h.qdcount) {
-        match wire::read_name(msg, pos, name) {
+        let read = wire::read_name_onto(msg, pos, names);
+        names.clear();
+        match read {
             Ok(end) => pos = end + 4,
             Err(_) => return Step::Fail(Skip::Malformed),
         }
@@ -281,33 +288,35 @@ fn walk(
         if malformed || r.section != wire::Section::Answer {
             return;
         }
-        if wire::read_name(msg, r.start, name).is_err() {
+        let from = names.len();
+        if wire::read_name_onto(msg, r.start, names).is_err() {
             malformed = true;
             return;
         }
-        if r.class != wire::CLASS_IN || (r.rtype != wire::TYPE_CNAME && r.rtype != qtype) {
-            return;
-        }
         let want = match r.rtype {
-            wire::TYPE_CNAME => 0,
-            wire::TYPE_A => 4,
-            wire::TYPE_AAAA => 16,
-            _ => return,
+            _ if r.class != wire::CLASS_IN => None,
+            wire::TYPE_CNAME => Some(0),
+            t if t != qtype => None,
+            wire::TYPE_A => Some(4),
+            wire::TYPE_AAAA => Some(16),
+            _ => None,
         };
-        let owner = names.len()..names.len() + name.len();
-        names.extend_from_slice(name);
+        let Some(want) = want else {
+            names.truncate(from);
+            return;
+        };
+        let owner = from..names.len();
         let mut target = 0..0;
         if want == 0 {
             // The target must fill the RDATA exactly (RFC 1035 3.3.1).
-            match wire::read_name(msg, r.rdata.start, name) {
+            match wire::read_name_onto(msg, r.rdata.start, names) {
                 Ok(end) if end == r.rdata.end => {}
                 _ => {
                     malformed = true;
                     return;
                 }
             }
-            target = names.len()..names.len() + name.len();
-            names.extend_from_slice(name);
+            target = owner.end..names.len();
         } else if r.rdata.len() != want {
             malformed = true;
             return;
@@ -350,8 +359,8 @@ fn walk(
                 }
                 chain.min_ttl = chain.min_ttl.min(link.ttl);
                 chain.links.push(Link {
-                    owner: names[link.owner.clone()].to_vec(),
-                    target: target.to_vec(),
+                    owner: Name::from_slice(&names[link.owner.clone()]),
+                    target: Name::from_slice(target),
                     ttl: link.ttl,
                 });
                 cur = link.target.clone();

@@ -903,7 +903,7 @@ impl Handler {
         completed: Result<(flatten::Rrs, u32), Fallback>,
         zone_alias: bool,
     ) -> Result<(Vec<u8>, u32), Fallback> {
-        self.note(|| Event::Chain(chain.links.clone()));
+        self.note(|| Event::Chain(chain.links.to_vec()));
         let (rrs, ttl) = completed?;
         let out = flatten::build(reply, q.question(), &rrs, ttl).ok_or(Fallback {
             skip: Skip::Malformed,
@@ -1047,7 +1047,7 @@ impl Handler {
             .ok()?;
         let step = Step::Continue(alias.target.clone());
         let completed = self.complete(s, &mut chain, step, q.qtype, deadline).await;
-        self.note(|| Event::Chain(chain.links.clone()));
+        self.note(|| Event::Chain(chain.links.to_vec()));
         self.note(|| Event::Decision(completed.as_ref().map(|c| c.1).map_err(|f| f.skip)));
         let (rrs, ttl) = match completed {
             Ok(c) => c,

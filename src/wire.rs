@@ -375,6 +375,31 @@ pub struct Query<'a> {
     pub edns: Option<Edns>,
 }
 
+/// A [`Query`]'s scan without its bytes ([`Query::scanned`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Scanned {
+    header: Header,
+    qname_end: usize,
+    qtype: u16,
+    qclass: u16,
+    edns: Option<Edns>,
+}
+
+impl Scanned {
+    /// The query again, over `wire`: the very bytes that were scanned (a copy of them), or
+    /// `None` if they cannot be (too short for the scanned question).
+    pub fn of(self, wire: &[u8]) -> Option<Query<'_>> {
+        (wire.len() >= self.qname_end + 4).then_some(Query {
+            wire,
+            header: self.header,
+            qname_end: self.qname_end,
+            qtype: self.qtype,
+            qclass: self.qclass,
+            edns: self.edns,
+        })
+    }
+}
+
 /// Why a client query is not answered normally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueryError {
@@ -425,6 +450,18 @@ impl<'a> Query<'a> {
         })
     }
 
+    /// What the scan found, without the bytes: for a copy of them kept elsewhere, so the
+    /// query is not scanned again ([`Scanned::of`]).
+    pub fn scanned(&self) -> Scanned {
+        Scanned {
+            header: self.header,
+            qname_end: self.qname_end,
+            qtype: self.qtype,
+            qclass: self.qclass,
+            edns: self.edns,
+        }
+    }
+
     pub fn id(&self) -> u16 {
         self.header.id
     }
@@ -457,24 +494,32 @@ impl<'a> Query<'a> {
 /// Bounded on untrusted data: every compression pointer must point strictly before the
 /// label it replaces (so a walk can never revisit a position: no loops, and at most one pass
 /// over the message), labels are at most 63 octets and the name at most 255.
-pub fn read_name(msg: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Result<usize, WireError> {
+pub fn read_name(msg: &[u8], pos: usize, out: &mut Vec<u8>) -> Result<usize, WireError> {
     out.clear();
+    read_name_onto(msg, pos, out)
+}
+
+/// [`read_name`] appending to `out` instead of replacing it; on an error, what it appended
+/// so far is left there.
+pub fn read_name_onto(msg: &[u8], mut pos: usize, out: &mut Vec<u8>) -> Result<usize, WireError> {
+    let from = out.len();
+    out.reserve(MAX_NAME_LEN);
     let mut end = None;
     loop {
         let b = *msg.get(pos).ok_or(WireError::Short)?;
         match b & 0xc0 {
             0x00 if b == 0 => {
                 out.push(0);
-                if out.len() > MAX_NAME_LEN {
+                if out.len() - from > MAX_NAME_LEN {
                     return Err(WireError::BadName);
                 }
                 // Lowercased once, whole: label lengths (at most 63) are below 'A'.
-                out.make_ascii_lowercase();
+                out[from..].make_ascii_lowercase();
                 return Ok(end.unwrap_or(pos + 1));
             }
             0x00 => {
                 let label = msg.get(pos..pos + 1 + b as usize).ok_or(WireError::Short)?;
-                if out.len() + label.len() + 1 > MAX_NAME_LEN {
+                if out.len() - from + label.len() + 1 > MAX_NAME_LEN {
                     return Err(WireError::BadName);
                 }
                 out.extend_from_slice(label);
@@ -549,6 +594,35 @@ mod tests {
         assert_eq!(read_name(&big, 12, &mut out), Err(WireError::BadName));
     }
 
+    #[test]
+    fn read_name_onto_appends_and_bounds_the_name_alone() {
+        let mut m = vec![0u8; 12];
+        m.extend_from_slice(b"\x01A\x07Example\x00\x03WWW\xc0\x0c");
+        // What the buffer held stays as it was (case included); the name is lowercased.
+        let mut out = b"KEEP".to_vec();
+        assert_eq!(read_name_onto(&m, 23, &mut out), Ok(29));
+        assert_eq!(out, b"KEEP\x03www\x01a\x07example\x00");
+        // The 255-octet limit is the name's, not the buffer's: a 255-octet name fits behind
+        // 300 octets, a 257-octet one does not.
+        let mut long = vec![0u8; 12];
+        for _ in 0..3 {
+            long.push(63);
+            long.extend_from_slice(&[b'X'; 63]);
+        }
+        long.push(61);
+        long.extend_from_slice(&[b'X'; 61]);
+        long.push(0);
+        let mut out = vec![b'P'; 300];
+        assert_eq!(read_name_onto(&long, 12, &mut out), Ok(long.len()));
+        assert_eq!(out.len(), 300 + 255);
+        assert!(out[300..].iter().all(|&b| b != b'X'));
+        long[12 + 3 * 64] = 63;
+        long.insert(12 + 3 * 64 + 1, b'X');
+        long.insert(12 + 3 * 64 + 1, b'X');
+        let mut out = vec![b'P'; 300];
+        assert_eq!(read_name_onto(&long, 12, &mut out), Err(WireError::BadName));
+    }
+
     fn query(name: &[u8], qtype: u16) -> Vec<u8> {
         let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
         q.extend_from_slice(name);
@@ -565,6 +639,23 @@ mod tests {
         assert_eq!(p.qtype, TYPE_A);
         assert!(p.edns.is_none());
         assert_eq!(p.udp_limit(1232), 512);
+    }
+
+    #[test]
+    fn a_scanned_query_comes_back_whole_over_a_copy_of_its_bytes() {
+        let mut q = query(b"\x03www\x07Example\x00", TYPE_AAAA);
+        q[11] = 1; // ARCOUNT: an OPT with DO and a 1232-octet size
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0x80, 0, 0, 0]);
+        let scanned = Query::parse(&q).unwrap().scanned();
+        let copy = q.clone();
+        let p = scanned.of(&copy).unwrap();
+        assert_eq!(p.qname(), b"\x03www\x07Example\x00");
+        assert_eq!(p.question(), &q[12..29]);
+        assert_eq!((p.id(), p.qtype, p.qclass), (0x1234, TYPE_AAAA, CLASS_IN));
+        assert!(p.do_bit());
+        assert_eq!(p.udp_limit(4096), 1232);
+        // Bytes too short for the question it scanned: no query.
+        assert!(scanned.of(&q[..28]).is_none());
     }
 
     #[test]

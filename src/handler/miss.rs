@@ -73,6 +73,8 @@ struct Led {
     handler: Arc<Handler>,
     settings: Arc<Settings>,
     msg: QueryBytes,
+    /// `msg` as the receive thread scanned it: the reply thread does not scan it again.
+    scanned: wire::Scanned,
     client: SocketAddr,
     lead: Lead,
     _pending: crate::limit::Slot,
@@ -175,6 +177,7 @@ impl Handler {
         let led = Box::new(Led {
             handler: self.clone(),
             msg: QueryBytes::from_slice(q.wire),
+            scanned: q.scanned(),
             client,
             lead,
             _pending: pending,
@@ -313,8 +316,8 @@ impl Miss {
             Ok((reply, _)) => reply,
             Err(from) => return Progress::Task(led.go_on(Next::Resume(from))),
         };
-        // The one scan of the query both steps below use.
-        let Ok(q) = Query::parse(&led.msg) else {
+        // The query as the receive thread scanned it, for both steps below.
+        let Some(q) = led.scanned.of(&led.msg) else {
             return Progress::Task(led.go_on(Next::Reply(reply)));
         };
         let h = led.handler.clone();
