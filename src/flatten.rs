@@ -75,10 +75,10 @@ pub struct Rr {
 /// The records a chain ends at.
 pub type Rrs = SmallVec<[Rr; 2]>;
 
-/// A name on a chain (lowercased wire form): inline up to 32 octets, which holds most CNAME
-/// owners and targets (`d111111abcdef8.cloudfront.net` is 31), so walking a link allocates
-/// nothing.
-pub type Name = SmallVec<[u8; 32]>;
+/// A name on a chain (lowercased wire form): inline up to 48 octets, as the cache's keys
+/// (`src/cache.rs`), which holds nearly every CNAME owner and target, so walking a link
+/// allocates nothing.
+pub type Name = SmallVec<[u8; 48]>;
 
 /// One CNAME link walked.
 #[derive(Debug, Clone, PartialEq, Eq)]
