@@ -71,6 +71,51 @@ fn chain_reply(q: &[u8], n: usize) -> Vec<u8> {
     m
 }
 
+/// R22's hostile case: `qname` CNAME to a 255-octet name (127 one-letter labels), then as
+/// many A records at that name as fit in 64 KiB, each owned by a compression pointer to the
+/// owner before it. The pointers chain back as far as a name may (255 pointers): every owner
+/// takes 255 pointer hops and 127 labels to read, where a friendly reply takes one hop.
+fn pointer_chain_reply(q: &[u8]) -> Vec<u8> {
+    let qlen = q.len() - 23;
+    let mut m = q[..qlen].to_vec();
+    m[2] = 0x85;
+    m[3] = 0x80;
+    let target: Vec<u8> = std::iter::repeat_n([1, b'a'], 127)
+        .flatten()
+        .chain([0])
+        .collect();
+    m.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1, 0, 0, 1, 44]);
+    m.extend_from_slice(&(target.len() as u16).to_be_bytes());
+    // Owners by how many pointers it takes to read them: the target itself, none.
+    let mut owners = vec![m.len()];
+    m.extend_from_slice(&target);
+    let mut n = 0u16;
+    while m.len() + 16 + 11 <= 65_535 {
+        // Through the owner with 254 pointers at most, so this one has 255 at most.
+        let to = owners[owners.len().min(255) - 1];
+        owners.push(m.len());
+        m.extend_from_slice(&[
+            0xc0 | (to >> 8) as u8,
+            to as u8,
+            0,
+            1,
+            0,
+            1,
+            0,
+            0,
+            0,
+            60,
+            0,
+            4,
+        ]);
+        m.extend_from_slice(&[198, 51, (n >> 8) as u8, n as u8]);
+        n += 1;
+    }
+    m[6..8].copy_from_slice(&(n + 1).to_be_bytes());
+    m.extend_from_slice(&[0, 0, 41, 4, 208, 0, 0, 0, 0, 0, 0]);
+    m
+}
+
 fn handler(upstream: SocketAddr, cache: u64) -> Handler {
     let mut c = Config::for_test("127.0.0.1:0".parse().unwrap(), vec![upstream]);
     c.cache.size = cache;
@@ -133,6 +178,37 @@ fn benches(c: &mut Criterion) {
     let big = chain_reply(&q, 4000);
     assert!(big.len() > 60_000);
     c.bench_function("flatten: 64 KiB reply", |b| b.iter(|| flat(&big)));
+    // R22's hostile case, from the reply's check (R3, R20) to the flattened answer: every
+    // name is read through a chain of 255 compression pointers.
+    let hostile = pointer_chain_reply(&q);
+    assert!(hostile.len() > 65_000 && hostile.len() <= 65_535);
+    c.bench_function("flatten: 64 KiB reply of pointer chains, checked", |b| {
+        b.iter(|| {
+            assert!(flatdns::upstream::well_formed(&hostile));
+            flat(&hostile)
+        })
+    });
+    // The same with TXT records, a type the check leaves to `domain`: checked by `domain`,
+    // then walked (the chain stops at the target, which holds no address).
+    let mut txt = hostile.clone();
+    let mut pos = 12 + 17 + 12 + 255;
+    while pos + 16 + 11 <= txt.len() {
+        txt[pos + 3] = 16; // TYPE TXT
+        txt[pos + 12] = 3; // one 3-octet string
+        pos += 16;
+    }
+    assert!(flatdns::upstream::valid::scan(&txt).is_none());
+    c.bench_function(
+        "flatten: 64 KiB TXT reply of pointer chains, checked",
+        |b| {
+            b.iter(|| {
+                assert!(flatdns::upstream::well_formed(&txt));
+                let mut chain = Chain::new(&start, 11);
+                let step = flatten::follow(&txt, &start, 1, &mut chain);
+                assert!(matches!(step, Step::Continue(_)), "{step:?}");
+            })
+        },
+    );
 
     // Cold: every query a miss, answered by an upstream on loopback that replies at once.
     let rt = tokio::runtime::Builder::new_current_thread()

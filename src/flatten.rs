@@ -202,8 +202,9 @@ pub fn survey(msg: &[u8]) -> Survey {
 
 /// Follows the chain from `start` through the answer section of `msg`.
 ///
-/// Names are read with [`wire::read_name`], a bounded decompressor (backward pointers only,
-/// 255 octets at most), straight from the wire: no message model is built for this walk.
+/// Names are read with a [`wire::NameReader`], a bounded decompressor (backward pointers
+/// only, 255 octets at most, each pointed-to position read once however long the pointer
+/// chains), straight from the wire: no message model is built for this walk.
 pub fn follow(msg: &[u8], start: &[u8], qtype: u16, chain: &mut Chain) -> Step {
     follow_at(msg, Some(start), None, qtype, chain)
 }
@@ -246,7 +247,7 @@ fn follow_at(
 }
 
 /// [`follow`]'s working buffers, kept per thread: a flattened miss would otherwise allocate
-/// three of them (on a thread that rarely frees what it allocates, so each allocation takes
+/// both (on a thread that rarely frees what it allocates, so each allocation takes
 /// glibc's slow path).
 #[derive(Default)]
 struct Scratch {
@@ -269,16 +270,16 @@ fn walk(
     // One scan: every name of the question and answer sections must decompress, whatever
     // record it owns, since a message with one unreadable name is malformed as a whole (R20).
     // The owners (and CNAME targets) of the records that can be on the chain are kept,
-    // lowercased, in one buffer, read straight into it (a name that is not kept is cut off
-    // again); nothing else is copied until the chain is known.
+    // lowercased, in one buffer, read straight into it (through a `NameReader`, so a reply
+    // of long compression-pointer chains costs what its size does, R22); nothing else is
+    // copied until the chain is known.
     let Scratch { names, found } = scratch;
     names.clear();
     found.clear();
+    let mut reader = wire::NameReader::default();
     let mut pos = HEADER_LEN;
     for _ in 0..Header::read(msg).map_or(0, |h| h.qdcount) {
-        let read = wire::read_name_onto(msg, pos, names);
-        names.clear();
-        match read {
+        match reader.read(msg, pos, names) {
             Ok(end) => pos = end + 4,
             Err(_) => return Step::Fail(Skip::Malformed),
         }
@@ -289,7 +290,7 @@ fn walk(
             return;
         }
         let from = names.len();
-        if wire::read_name_onto(msg, r.start, names).is_err() {
+        if reader.read(msg, r.start, names).is_err() {
             malformed = true;
             return;
         }
@@ -301,15 +302,15 @@ fn walk(
             wire::TYPE_AAAA => Some(16),
             _ => None,
         };
+        // A name not kept stays in the buffer all the same: the reader may point into it.
         let Some(want) = want else {
-            names.truncate(from);
             return;
         };
         let owner = from..names.len();
         let mut target = 0..0;
         if want == 0 {
             // The target must fill the RDATA exactly (RFC 1035 3.3.1).
-            match wire::read_name_onto(msg, r.rdata.start, names) {
+            match reader.read(msg, r.rdata.start, names) {
                 Ok(end) if end == r.rdata.end => {}
                 _ => {
                     malformed = true;
@@ -589,5 +590,26 @@ mod tests {
             }
         );
         assert!(!survey(&[0x12]).noerror);
+    }
+
+    #[test]
+    fn only_class_in_cnames_and_addresses_make_the_chain() {
+        // www.example. CNAME a.example. in class CH, then in class IN www.example. CNAME
+        // b.example. and the A records of a. (one) and b. (two, one of them CH).
+        let mut m = hex("12348180000100050000000003777777076578616d706c650000010001");
+        m.extend_from_slice(&hex("c00c 0005 0003 0000003c 0004 0161 c010"));
+        m.extend_from_slice(&hex("c00c 0005 0001 0000001e 0004 0162 c010"));
+        m.extend_from_slice(&hex("c029 0001 0001 0000003c 0004 c0000201"));
+        m.extend_from_slice(&hex("c039 0001 0003 0000003c 0004 c0000202"));
+        m.extend_from_slice(&hex("c039 0001 0001 0000003c 0004 c0000203"));
+        let start = hex("03777777076578616d706c6500");
+        let mut chain = Chain::new(&start, 11);
+        let Step::Done(rrs) = follow(&m, &start, wire::TYPE_A, &mut chain) else {
+            panic!("no answer");
+        };
+        assert_eq!(chain.links.len(), 1);
+        assert_eq!(chain.links[0].target[..], hex("0162076578616d706c6500"));
+        assert_eq!(rrs.len(), 1);
+        assert_eq!(rrs[0].rdata[..], [192, 0, 2, 3]);
     }
 }
