@@ -541,66 +541,98 @@ impl NameReader {
     }
 
     /// Reads the name at `pos` onto `out`, through the memo once one name has needed it.
-    pub fn read(
+    pub fn read(&mut self, msg: &[u8], pos: usize, out: &mut Vec<u8>) -> Result<usize, WireError> {
+        if self.memo.is_empty() {
+            let from = out.len();
+            match self.walk::<false>(msg, pos, out) {
+                Some(read) => return read,
+                // Too many pointers: again, through the memo from now on.
+                None => {
+                    out.truncate(from);
+                    self.memo = vec![0; msg.len().min(POINTABLE)];
+                }
+            }
+        }
+        self.walk::<true>(msg, pos, out)
+            .unwrap_or(Err(WireError::BadName))
+    }
+
+    /// One name, with or without the memo (two copies of one loop: the common case pays
+    /// nothing for the memo). `None`: without the memo, more than [`DIRECT_POINTERS`]
+    /// pointers (never for a reader of one name).
+    #[inline(always)]
+    fn walk<const MEMO: bool>(
         &mut self,
         msg: &[u8],
         mut pos: usize,
         out: &mut Vec<u8>,
-    ) -> Result<usize, WireError> {
+    ) -> Option<Result<usize, WireError>> {
         let from = out.len();
-        self.passed.clear();
+        if MEMO {
+            self.passed.clear();
+        }
         let mut end = None;
         let mut pointers = 0;
         loop {
-            let b = *msg.get(pos).ok_or(WireError::Short)?;
+            let Some(&b) = msg.get(pos) else {
+                return Some(Err(WireError::Short));
+            };
             match b & 0xc0 {
                 0x00 if b == 0 => {
                     out.push(0);
                     if out.len() - from > MAX_NAME_LEN {
-                        return Err(WireError::BadName);
+                        return Some(Err(WireError::BadName));
                     }
                     // Lowercased once, whole: label lengths (at most 63) are below 'A'.
                     out[from..].make_ascii_lowercase();
-                    self.remember(out.len());
-                    return Ok(end.unwrap_or(pos + 1));
+                    if MEMO {
+                        self.remember(out.len());
+                    }
+                    return Some(Ok(end.unwrap_or(pos + 1)));
                 }
                 0x00 => {
-                    let label = msg.get(pos..pos + 1 + b as usize).ok_or(WireError::Short)?;
+                    let Some(label) = msg.get(pos..pos + 1 + b as usize) else {
+                        return Some(Err(WireError::Short));
+                    };
                     if out.len() - from + label.len() + 1 > MAX_NAME_LEN {
-                        return Err(WireError::BadName);
+                        return Some(Err(WireError::BadName));
                     }
                     out.extend_from_slice(label);
                     pos += label.len();
                 }
                 0xc0 => {
-                    let target = usize::from(u16_at(msg, pos).ok_or(WireError::Short)? & 0x3fff);
+                    let Some(at) = u16_at(msg, pos) else {
+                        return Some(Err(WireError::Short));
+                    };
+                    let target = usize::from(at & 0x3fff);
                     if target >= pos {
-                        return Err(WireError::BadName);
+                        return Some(Err(WireError::BadName));
                     }
                     end.get_or_insert(pos + 2);
-                    pointers += 1;
-                    if pointers > DIRECT_POINTERS && self.memo.is_empty() && !self.once {
-                        self.memo = vec![0; msg.len().min(POINTABLE)];
-                    }
-                    if !self.memo.is_empty() {
+                    if !MEMO {
+                        pointers += 1;
+                        if pointers > DIRECT_POINTERS && !self.once {
+                            return None;
+                        }
+                    } else {
                         let known = self.memo.get(target).copied().unwrap_or(0);
                         if known != 0 {
                             // The rest of the name, as read before (lowercased already).
                             let (start, stop) = ((known >> 32) as usize, known as u32 as usize);
                             if out.len() - from + (stop - start) > MAX_NAME_LEN {
-                                return Err(WireError::BadName);
+                                return Some(Err(WireError::BadName));
                             }
                             let fresh = out.len();
                             out.extend_from_within(start..stop);
                             out[from..fresh].make_ascii_lowercase();
                             self.remember(out.len());
-                            return Ok(end.unwrap_or(pos + 2));
+                            return Some(Ok(end.unwrap_or(pos + 2)));
                         }
                         self.passed.push((target, out.len()));
                     }
                     pos = target;
                 }
-                _ => return Err(WireError::BadName),
+                _ => return Some(Err(WireError::BadName)),
             }
         }
     }
