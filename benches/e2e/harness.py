@@ -20,7 +20,7 @@ import statistics
 import sys
 
 RUN_FIELDS = [
-    "kind",  # fixed (-Q) | tput (no rate limit) | warm
+    "kind",  # fixed (-Q) | tput (no rate limit) | tputcap (the same, proxy CPU-capped) | warm
     "round",
     "scenario",
     "proxy",
@@ -263,20 +263,25 @@ def cmd_report(d, out_json):
     # an even count), with the spread over rounds; and, on its own, the median over rounds
     # of the queries answered per proxy CPU-second (the proxy's capacity, which need not come
     # from the same round).
-    by_proxy = {}
-    for r in runs:
-        if r["kind"] == "tput":
-            by_proxy.setdefault(r["proxy"], []).append(r)
-    tput = {}
-    for p, rs in by_proxy.items():
-        rs = sorted(rs, key=lambda r: r["qps"] or 0)
-        med = dict(rs[(len(rs) - 1) // 2])
-        med["rounds"] = len(rs)
-        med["qps_min"], med["qps_max"] = rs[0]["qps"], rs[-1]["qps"]
-        per_cpu_s = [r["completed"] / (r["proxy_cpu_ticks"] / r["clk_tck"])
-                     for r in rs if r["proxy_cpu_ticks"] and r["clk_tck"]]
-        med["per_cpu_s_median"] = round(statistics.median(per_cpu_s)) if per_cpu_s else None
-        tput[p] = med
+    def throughput(kind):
+        by_proxy = {}
+        for r in runs:
+            if r["kind"] == kind:
+                by_proxy.setdefault(r["proxy"], []).append(r)
+        out = {}
+        for p, rs in by_proxy.items():
+            rs = sorted(rs, key=lambda r: r["qps"] or 0)
+            med = dict(rs[(len(rs) - 1) // 2])
+            med["rounds"] = len(rs)
+            med["qps_min"], med["qps_max"] = rs[0]["qps"], rs[-1]["qps"]
+            per_cpu_s = [r["completed"] / (r["proxy_cpu_ticks"] / r["clk_tck"])
+                         for r in rs if r["proxy_cpu_ticks"] and r["clk_tck"]]
+            med["per_cpu_s_median"] = round(statistics.median(per_cpu_s)) if per_cpu_s else None
+            out[p] = med
+        return out
+
+    tput = throughput("tput")
+    tput_capped = throughput("tputcap")
 
     mem_rows = read_tsv(os.path.join(d, "memory.tsv"), MEM_FIELDS)
     memory = {}
@@ -326,7 +331,8 @@ def cmd_report(d, out_json):
             if not b["bound_holds"]:
                 warnings.append("memory: RSS kept growing past the cache bound under the flood")
 
-    result = {"meta": meta, "summary": summary, "throughput": tput, "memory": memory,
+    result = {"meta": meta, "summary": summary, "throughput": tput,
+              "throughput_capped": tput_capped, "memory": memory,
               "runs": runs, "warnings": warnings, "logs": {}}
     # flatdns runs at --log-level warn: all of its output counts. The others log startup
     # chatter: keep what looks like a problem.
@@ -430,6 +436,27 @@ def cmd_report(d, out_json):
                        "queries/s is then the load generator's limit against that proxy, and the last "
                        "column (answered / proxy CPU time, batched as at saturation) is the better "
                        "guide to the proxy's own capacity on one core.")
+    if tput_capped:
+        out.append("")
+        out.append(f"Saturating throughput with the proxy held to half of its core ({meta.get('tput_cap')}; "
+                   "the same runs otherwise): the proxy is the limit, so these queries/s are its own:")
+        out.append("")
+        out.append("| proxy | queries/s | range over rounds | answered | proxy CPU | dnsperf CPU |")
+        out.append("|---|---|---|---|---|---|")
+        for p in proxies:
+            if p not in tput_capped:
+                continue
+            r = tput_capped[p]
+            ans = 100 * r["completed"] / r["sent"] if r["sent"] else 0
+            out.append(f"| {p} | {r['qps']:.0f} | {r['qps_min']:.0f}-{r['qps_max']:.0f} ({r['rounds']}) | "
+                       f"{ans:.2f}% | {fmt(r['proxy_cpu_pct'], 0)}% | {fmt(r['dnsperf_cpu_pct'], 0)}% |")
+        if "flatdns" in tput_capped and "dnsdist" in tput_capped and tput_capped["dnsdist"]["qps"]:
+            out.append("")
+            out.append(f"flatdns/dnsdist throughput, proxy held to half a core: "
+                       f"{tput_capped['flatdns']['qps'] / tput_capped['dnsdist']['qps']:.2f}")
+    elif tput and meta.get("tput_cap") == "unavailable":
+        out.append("")
+        out.append("No capped saturating runs: no writable cgroup CPU controller on this machine.")
     if memory:
         out.append("")
         out.append("Memory (flatdns, RSS from /proc/PID/status):")
