@@ -216,6 +216,13 @@ def cmd_report(d, out_json):
             warnings.append(f"{tag}: non-NOERROR answers {bad}")
         for m in run["dnsperf_messages"]:
             warnings.append(f"{tag}: dnsperf: {m}")
+        if run["kind"] == "tputcap":
+            # The quota is half a core: a proxy well under it was not the limit, or dnsperf
+            # near its own core's end may have been.
+            if (run["proxy_cpu_pct"] or 0) < 45:
+                warnings.append(f"{tag}: proxy CPU {run['proxy_cpu_pct']}% under a 50% cap - not the limit")
+            if (run["dnsperf_cpu_pct"] or 0) > 90:
+                warnings.append(f"{tag}: dnsperf CPU {run['dnsperf_cpu_pct']}% - it may have set the pace")
         if run["kind"] == "fixed":
             if run["qps"] < 0.98 * qps_target:
                 warnings.append(f"{tag}: achieved {run['qps']:.0f} q/s, below the offered {qps_target:.0f} "
@@ -375,9 +382,14 @@ def cmd_report(d, out_json):
             wide = c["rounds"] > 1 and c["min"] > 0 and c["max"] / c["min"] > 1.25
             spread_flag = spread_flag or wide
             cells.append(fmt(c["median_us_per_query"], 2) + (" †" if wide else ""))
-        ratio = fmt(row.get("flatdns_over_dnsdist"), 2) if "flatdns_over_dnsdist" in row else "-"
+        # From the medians themselves: the stored ratios are rounded to 3 places, and rounding
+        # those again to 2 could print 1.005 as 1.00.
+        def med(p, scen=s):
+            return summary.get(scen, {}).get(p, {}).get("median_us_per_query")
+        ratio = (f"{med('flatdns') / med('dnsdist'):.2f}"
+                 if "flatdns_over_dnsdist" in row and med("dnsdist") else "-")
         if s == "fhot" and "flatdns_over_dnsdist_hot" in row:
-            ratio += f" ({fmt(row['flatdns_over_dnsdist_hot'], 2)} vs dnsdist hot)"
+            ratio += f" ({med('flatdns') / med('dnsdist', 'hot'):.2f} vs dnsdist hot)"
         out.append(f"| {SCENARIO_TITLES[s]} | " + " | ".join(cells) + f" | {ratio} |")
     if "floor" in proxies:
         out.append("")
@@ -441,15 +453,17 @@ def cmd_report(d, out_json):
         out.append(f"Saturating throughput with the proxy held to half of its core ({meta.get('tput_cap')}; "
                    "the same runs otherwise): the proxy is the limit, so these queries/s are its own:")
         out.append("")
-        out.append("| proxy | queries/s | range over rounds | answered | proxy CPU | dnsperf CPU |")
-        out.append("|---|---|---|---|---|---|")
+        out.append("| proxy | queries/s | range over rounds | lost | proxy CPU | dnsperf CPU | proxy us/q | queries per proxy CPU-second |")
+        out.append("|---|---|---|---|---|---|---|---|")
         for p in proxies:
             if p not in tput_capped:
                 continue
             r = tput_capped[p]
-            ans = 100 * r["completed"] / r["sent"] if r["sent"] else 0
-            out.append(f"| {p} | {r['qps']:.0f} | {r['qps_min']:.0f}-{r['qps_max']:.0f} ({r['rounds']}) | "
-                       f"{ans:.2f}% | {fmt(r['proxy_cpu_pct'], 0)}% | {fmt(r['dnsperf_cpu_pct'], 0)}% |")
+            lost = sum(x["lost"] for x in runs if x["kind"] == "tputcap" and x["proxy"] == p)
+            out.append(f"| {p} | {r['qps'] or 0:.0f} | {r['qps_min'] or 0:.0f}-{r['qps_max'] or 0:.0f} "
+                       f"({r['rounds']}) | {lost} over the rounds | {fmt(r['proxy_cpu_pct'], 0)}% | "
+                       f"{fmt(r['dnsperf_cpu_pct'], 0)}% | {fmt(r['us_per_query'], 2)} | "
+                       f"{fmt(r['per_cpu_s_median'], 0)} |")
         if "flatdns" in tput_capped and "dnsdist" in tput_capped and tput_capped["dnsdist"]["qps"]:
             out.append("")
             out.append(f"flatdns/dnsdist throughput, proxy held to half a core: "
