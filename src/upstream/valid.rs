@@ -30,11 +30,10 @@ pub fn scan_counting(msg: &[u8]) -> Option<(bool, usize)> {
     };
     let limit = msg.len();
     let mut names = Names::new(msg);
-    let mut name_end = |_: &[u8], pos, limit| names.end(pos, limit);
     let mut pos = HEADER_LEN;
     for _ in 0..h.qdcount {
         // `Question::parse`: a name, then type and class.
-        match name_end(msg, pos, limit) {
+        match names.end(pos, limit) {
             Some(end) if end + 4 <= limit => pos = end + 4,
             _ => return Some((false, 0)),
         }
@@ -43,7 +42,7 @@ pub fn scan_counting(msg: &[u8]) -> Option<(bool, usize)> {
     let records = usize::from(h.ancount) + usize::from(h.nscount) + usize::from(h.arcount);
     for _ in 0..records {
         // `ParsedRecord::parse`: owner, type, class, TTL, RDLENGTH, then the data in range.
-        let Some(fixed) = name_end(msg, pos, limit).filter(|&f| f + 10 <= limit) else {
+        let Some(fixed) = names.end(pos, limit).filter(|&f| f + 10 <= limit) else {
             return Some((false, 0));
         };
         let rtype = wire::u16_at(msg, fixed).unwrap_or(0);
@@ -57,10 +56,11 @@ pub fn scan_counting(msg: &[u8]) -> Option<(bool, usize)> {
         let ok = match rtype {
             wire::TYPE_A => rdlen == 4,
             wire::TYPE_AAAA => rdlen == 16,
-            wire::TYPE_CNAME | TYPE_NS | TYPE_PTR => name_end(msg, start, end) == Some(end),
-            TYPE_MX => rdlen >= 2 && name_end(msg, start + 2, end) == Some(end),
-            wire::TYPE_SOA => name_end(msg, start, end)
-                .and_then(|p| name_end(msg, p, end))
+            wire::TYPE_CNAME | TYPE_NS | TYPE_PTR => names.end(start, end) == Some(end),
+            TYPE_MX => rdlen >= 2 && names.end(start + 2, end) == Some(end),
+            wire::TYPE_SOA => names
+                .end(start, end)
+                .and_then(|p| names.end(p, end))
                 .is_some_and(|p| p + 20 == end),
             wire::TYPE_OPT => {
                 opts += 1;
