@@ -421,24 +421,28 @@ def cmd_report(d, out_json):
             cells.append(f"{c['min']:.2f}-{c['max']:.2f}, {c['min_answered_pct']:.2f}%, "
                          f"wait {fmt(c['max_proxy_wait_pct'])}%")
         out.append(f"| {s} | " + " | ".join(cells) + " |")
+    def tput_table(out, t, kind):
+        """Saturating runs of one kind, a row per proxy: the median round's figures, the
+        range over rounds, and the queries lost over all of them."""
+        out.append("| proxy | queries/s | range over rounds | lost | proxy CPU | dnsperf CPU | proxy us/q | queries per proxy CPU-second |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for p in proxies:
+            if p not in t:
+                continue
+            r = t[p]
+            lost = sum(x["lost"] for x in runs if x["kind"] == kind and x["proxy"] == p)
+            out.append(f"| {p} | {r['qps'] or 0:.0f} | {r['qps_min'] or 0:.0f}-{r['qps_max'] or 0:.0f} "
+                       f"({r['rounds']}) | {lost} over the rounds | {fmt(r['proxy_cpu_pct'], 0)}% | "
+                       f"{fmt(r['dnsperf_cpu_pct'], 0)}% | {fmt(r['us_per_query'], 2)} | "
+                       f"{fmt(r['per_cpu_s_median'], 0)} |")
+
     if tput:
         out.append("")
         out.append(f"Saturating throughput, hot scenario ({meta.get('tput_args')}, {meta.get('tput_seconds')} s; "
                    "the round with the median queries/s and the range over rounds; the last column "
                    "is its own median over rounds):")
         out.append("")
-        out.append("| proxy | queries/s | range over rounds | answered | proxy CPU | dnsperf CPU | proxy us/q | queries per proxy CPU-second |")
-        out.append("|---|---|---|---|---|---|---|---|")
-        for p in proxies:
-            if p not in tput:
-                continue
-            r = tput[p]
-            ans = 100 * r["completed"] / r["sent"] if r["sent"] else 0
-            per_cpu_s = r["per_cpu_s_median"]
-            out.append(f"| {p} | {r['qps']:.0f} | {r['qps_min']:.0f}-{r['qps_max']:.0f} ({r['rounds']}) | "
-                       f"{ans:.2f}% | {fmt(r['proxy_cpu_pct'], 0)}% | "
-                       f"{fmt(r['dnsperf_cpu_pct'], 0)}% | {fmt(r['us_per_query'], 2)} | "
-                       f"{fmt(per_cpu_s, 0)} |")
+        tput_table(out, tput, "tput")
         if "flatdns" in tput and "dnsdist" in tput and tput["dnsdist"]["qps"]:
             out.append("")
             out.append(f"flatdns/dnsdist throughput: {tput['flatdns']['qps'] / tput['dnsdist']['qps']:.2f}")
@@ -453,17 +457,7 @@ def cmd_report(d, out_json):
         out.append(f"Saturating throughput with the proxy held to half of its core ({meta.get('tput_cap')}; "
                    "the same runs otherwise): the proxy is the limit, so these queries/s are its own:")
         out.append("")
-        out.append("| proxy | queries/s | range over rounds | lost | proxy CPU | dnsperf CPU | proxy us/q | queries per proxy CPU-second |")
-        out.append("|---|---|---|---|---|---|---|---|")
-        for p in proxies:
-            if p not in tput_capped:
-                continue
-            r = tput_capped[p]
-            lost = sum(x["lost"] for x in runs if x["kind"] == "tputcap" and x["proxy"] == p)
-            out.append(f"| {p} | {r['qps'] or 0:.0f} | {r['qps_min'] or 0:.0f}-{r['qps_max'] or 0:.0f} "
-                       f"({r['rounds']}) | {lost} over the rounds | {fmt(r['proxy_cpu_pct'], 0)}% | "
-                       f"{fmt(r['dnsperf_cpu_pct'], 0)}% | {fmt(r['us_per_query'], 2)} | "
-                       f"{fmt(r['per_cpu_s_median'], 0)} |")
+        tput_table(out, tput_capped, "tputcap")
         if "flatdns" in tput_capped and "dnsdist" in tput_capped and tput_capped["dnsdist"]["qps"]:
             out.append("")
             out.append(f"flatdns/dnsdist throughput, proxy held to half a core: "
