@@ -262,6 +262,17 @@ def cmd_report(d, out_json):
         if "flatdns" in row and "dnsdist" in row and row["dnsdist"]["median_us_per_query"]:
             row["flatdns_over_dnsdist"] = round(
                 row["flatdns"]["median_us_per_query"] / row["dnsdist"]["median_us_per_query"], 3)
+        # Each round runs every proxy within a few minutes, so a round's own ratio is free of
+        # what moves the machine between rounds; the ratio of medians above can pair one
+        # proxy's quiet round with the other's disturbed one.
+        by_round = {}
+        for r in fixed:
+            if r["scenario"] == s and r["proxy"] in ("flatdns", "dnsdist") and r["us_per_query"]:
+                by_round.setdefault(r["round"], {})[r["proxy"]] = r["us_per_query"]
+        paired = [v["flatdns"] / v["dnsdist"] for _, v in sorted(by_round.items())
+                  if len(v) == 2]
+        if paired:
+            row["flatdns_over_dnsdist_rounds"] = [round(x, 3) for x in paired]
         if "flatdns" in row and "dnsdist" in summary.get("hot", {}) and s == "fhot":
             row["flatdns_over_dnsdist_hot"] = round(
                 row["flatdns"]["median_us_per_query"] / summary["hot"]["dnsdist"]["median_us_per_query"], 3)
@@ -399,6 +410,17 @@ def cmd_report(d, out_json):
         if "miss" in summary and "floor" in summary["miss"] and "dnsdist" in summary["miss"]:
             f, d = summary["miss"]["floor"], summary["miss"]["dnsdist"]
             out.append(f"floor/dnsdist on misses: {f['median_us_per_query'] / d['median_us_per_query']:.2f}.")
+    rounds_ratios = [(s, summary[s]["flatdns_over_dnsdist_rounds"]) for s in SCENARIOS
+                     if "flatdns_over_dnsdist_rounds" in summary.get(s, {})]
+    if rounds_ratios and any(len(v) > 1 for _, v in rounds_ratios):
+        out.append("")
+        out.append("Round by round, flatdns's CPU per query over dnsdist's in the same round (each "
+                   "round runs both within minutes, so what moves the machine between rounds "
+                   "cancels): " + "; ".join(
+                       f"{s} " + ", ".join(f"{x:.2f}" for x in v)
+                       + f" (median {statistics.median(v):.2f}, flatdns cheaper in "
+                       + f"{sum(x < 1 for x in v)} of {len(v)})"
+                       for s, v in rounds_ratios) + ".")
     if spread_flag:
         out.append("")
         out.append("† the rounds differ by more than 25% (max/min): noise moved this median; see the spread.")
