@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -39,6 +39,10 @@ use crate::shutdown::Shutdown;
 
 /// How often an idle receive or reply thread wakes to look for the shutdown signal.
 pub const POLL: Duration = Duration::from_millis(100);
+
+/// The reply thread's own token, for its [`Misses::waker`]; a miss never gets it (see
+/// [`Misses::add`]).
+const WAKE: Token = Token(usize::MAX);
 
 /// Errors a UDP socket reports for one datagram (an ICMP error from an earlier send, a full
 /// buffer) rather than for the socket: log and go on.
@@ -95,11 +99,16 @@ pub fn serve(
     let receiving = Arc::new(AtomicBool::new(true));
     // However this thread ends (a panic included), the reply thread learns it may stop.
     let _receiving = Lower(receiving.clone());
-    let misses = match Poll::new().and_then(|poll| Ok((poll.registry().try_clone()?, poll))) {
-        Ok((registry, poll)) => {
+    let reply_poll = Poll::new().and_then(|poll| {
+        let waker = Waker::new(poll.registry(), WAKE)?;
+        Ok((poll.registry().try_clone()?, waker, poll))
+    });
+    let misses = match reply_poll {
+        Ok((registry, waker, poll)) => {
             let misses = Arc::new(Misses {
                 table: Mutex::new(Table::default()),
                 registry,
+                waker,
                 // Set by the reply thread once it runs: until then (or if the blocking pool
                 // never gets to it) misses run as tasks.
                 alive: AtomicBool::new(false),
@@ -174,6 +183,8 @@ impl Drop for Lower {
 struct Misses {
     table: Mutex<Table>,
     registry: Registry,
+    /// Wakes the reply thread when a miss is due before the end of its current wait.
+    waker: Waker,
     /// Cleared (under the table lock) if the reply thread stops: misses then run as tasks.
     alive: AtomicBool,
 }
@@ -184,6 +195,11 @@ struct Table {
     waiting: HashMap<usize, Miss, foldhash::fast::RandomState>,
     /// Every miss's timeout; an entry whose miss is done is skipped.
     deadlines: Deadlines,
+    /// Where the reply thread's current (or last) wait ends: a miss due before then must wake
+    /// it, or its timeout would fire up to [`POLL`] late (the attempt timeout can be as short
+    /// as 10 ms). With the default 2 s timeout every new miss is due after it, so this never
+    /// costs a wake-up.
+    wait_ends: Option<Instant>,
 }
 
 impl Table {
@@ -262,7 +278,8 @@ impl Misses {
             return Err((miss, io::Error::other("the reply thread has stopped")));
         }
         let token = t.next;
-        t.next = t.next.wrapping_add(1);
+        // Tokens run through 0..usize::MAX, never reaching WAKE.
+        t.next = (t.next + 1) % WAKE.0;
         let fd = miss.socket().as_raw_fd();
         if let Err(e) = self
             .registry
@@ -270,8 +287,21 @@ impl Misses {
         {
             return Err((miss, e));
         }
-        t.deadlines.push(miss.until(), token);
+        let until = miss.until();
+        t.deadlines.push(until, token);
         t.waiting.insert(token, miss);
+        let early = t.wait_ends.is_some_and(|end| until < end);
+        if early {
+            // One wake-up for this wait, however many misses are due before its end.
+            t.wait_ends = Some(until);
+        }
+        drop(t);
+        if early {
+            if let Err(e) = self.waker.wake() {
+                // The timeout then fires when the reply thread next wakes, at most POLL late.
+                debug!(error = %e, "could not wake the udp reply thread");
+            }
+        }
         Ok(())
     }
 }
@@ -296,14 +326,17 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
     // takes to hand the expired misses on.
     let mut now = Instant::now();
     loop {
-        let next = {
+        let wait = {
             let mut t = misses.lock();
             t.drop_done();
-            t.deadlines.peek()
+            let wait = t
+                .deadlines
+                .peek()
+                .map_or(POLL, |(at, _)| at.saturating_duration_since(now))
+                .min(POLL);
+            t.wait_ends = Some(now + wait);
+            wait
         };
-        let wait = next
-            .map_or(POLL, |(at, _)| at.saturating_duration_since(now))
-            .min(POLL);
         if let Err(e) = poll.poll(&mut events, Some(wait)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 error!(error = %e, "udp reply thread failed; misses on this socket run as tasks");
@@ -312,6 +345,10 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
         }
         for event in events.iter() {
             let token = event.token().0;
+            if token == WAKE.0 {
+                // A miss due before the wait's end: the deadlines below take it.
+                continue;
+            }
             let Some(miss) = misses.lock().waiting.remove(&token) else {
                 continue;
             };

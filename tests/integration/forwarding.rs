@@ -128,6 +128,40 @@ async fn failover_to_the_next_upstream_on_timeout() {
     assert_eq!((dead.total(), live.total()), (1, 1));
 }
 
+/// The listener's reply thread waits up to 100 ms at a time when no miss is due; a miss due
+/// sooner (a short attempt timeout) wakes it, so the timeout fires on time and not when the
+/// thread next looks (~100 ms for every query after the first below, before it did).
+#[tokio::test]
+async fn a_short_attempt_timeout_fires_on_time_on_the_reply_thread() {
+    let dead = Mock::start(ZONE).await;
+    dead.set_default(Behavior::Drop);
+    let live = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[dead.addr, live.addr], |c| {
+        c.timeout = Duration::from_millis(10);
+    })
+    .await;
+    // Misses go to the reply thread once it runs (until then, to tasks): a first miss and a
+    // pause give it time to start.
+    proxy.udp(&Q::new("www.example.", A)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut slowest = Duration::ZERO;
+    for i in 0..5 {
+        let start = Instant::now();
+        let r = proxy.udp(&Q::new(&format!("n{i}.example."), A)).await;
+        slowest = slowest.max(start.elapsed());
+        assert_eq!(r.rcode(), 3, "the second upstream's NXDOMAIN");
+    }
+    assert_eq!(
+        (dead.total(), live.total()),
+        (6, 6),
+        "each query tried both"
+    );
+    assert!(
+        slowest < Duration::from_millis(60),
+        "a 10 ms attempt timeout took {slowest:?}"
+    );
+}
+
 #[tokio::test]
 async fn all_upstreams_failing_gives_servfail_after_two_attempts() {
     let a = Mock::start(ZONE).await;
