@@ -117,6 +117,8 @@ pub enum Kind {
 pub struct Entry {
     pub answer: Prepared,
     pub kind: Kind,
+    /// Made by flatdns, not received: the SERVFAIL it answers when no upstream did.
+    pub local: bool,
     pub stored: Instant,
     pub expires: Instant,
 }
@@ -127,6 +129,7 @@ impl Entry {
         Entry {
             answer,
             kind,
+            local: false,
             stored: now,
             expires: now + Duration::from_secs(lifetime.into()),
         }

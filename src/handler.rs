@@ -600,11 +600,16 @@ impl Handler {
                 return Served::LOCAL;
             };
             let _inflight = GaugeGuard::new(&self.metrics.inflight);
-            match s.upstream.query(q.wire, tcp, deadline).await {
-                Ok(reply) => response::passthrough(&reply, q.id(), q.question(), limit, out),
-                Err(_) => response::error_for(q, wire::RCODE_SERVFAIL, out),
-            }
-            return Served::upstream(false);
+            return match s.upstream.query(q.wire, tcp, deadline).await {
+                Ok(reply) => {
+                    response::passthrough(&reply, q.id(), q.question(), limit, out);
+                    Served::upstream(false)
+                }
+                Err(_) => {
+                    response::error_for(q, wire::RCODE_SERVFAIL, out);
+                    Served::LOCAL
+                }
+            };
         };
         let got = self
             .coalesce(key.as_bytes(), deadline, || {
@@ -636,7 +641,11 @@ impl Handler {
                 let age = e.age(now.unwrap_or_else(Instant::now));
                 if e.answer.render(q.id(), q.question(), age, limit, out) {
                     self.add_cookie(&e.answer, q, client, limit, out);
-                    Served::upstream(e.kind == Kind::Flattened)
+                    if e.local {
+                        Served::LOCAL
+                    } else {
+                        Served::upstream(e.kind == Kind::Flattened)
+                    }
                 } else {
                     response::error_for(q, wire::RCODE_SERVFAIL, out);
                     Served::LOCAL
@@ -794,7 +803,9 @@ impl Handler {
         } else {
             0
         };
-        Some(Arc::new(Entry::new(p, Kind::Failure, ttl, Instant::now())))
+        let mut e = Entry::new(p, Kind::Failure, ttl, Instant::now());
+        e.local = true;
+        Some(Arc::new(e))
     }
 
     /// Decides whether `reply` is flattened and, if so, builds the flattened answer and its

@@ -100,7 +100,8 @@ pub enum Source {
     Upstream,
     /// An expired entry served under RFC 8767.
     Stale,
-    /// flatdns itself: REFUSED, FORMERR, NOTIMP, BADVERS, TC for ANY, SERVFAIL at a limit.
+    /// flatdns itself: REFUSED, FORMERR, NOTIMP, BADVERS, TC for ANY, SERVFAIL at a limit or
+    /// when no upstream answered.
     Local,
 }
 

@@ -438,8 +438,11 @@ async fn sighup_reloads_the_config_file_and_rejects_a_bad_one() {
 async fn query_log_writes_json_lines() {
     let mock =
         Mock::start("www.example. 300 IN CNAME a.example.\na.example. 60 IN A 192.0.2.1").await;
+    mock.set("quiet.example.", Behavior::Drop);
+    mock.set("broken.example.", Behavior::Servfail);
     let mut cmd = Command::new(BIN);
-    cmd.args(["--query-log", "json"]).stdout(Stdio::piped());
+    cmd.args(["--query-log", "json", "--timeout", "50ms"])
+        .stdout(Stdio::piped());
     let mut child = start(cmd, mock.addr);
     let rx = lines_of(child.child.stdout.take().unwrap());
     let q = Q::new("WWW.example.", A).wire();
@@ -451,8 +454,20 @@ async fn query_log_writes_json_lines() {
             .rcode(),
         3
     );
+    // No answer from the upstream: flatdns's own SERVFAIL. The upstream's SERVFAIL: its.
+    for name in ["quiet.example.", "broken.example."] {
+        assert_eq!(
+            udp_query(child.addr, &Q::new(name, A).wire()).await.rcode(),
+            2
+        );
+    }
+    // The same through the path of queries that are never shared (client subnet, RFC 7871).
+    let ecs = Q::new("quiet.example.", A)
+        .edns(1232, false)
+        .option(8, &[0, 1, 24, 0, 192, 0, 2]);
+    assert_eq!(udp_query(child.addr, &ecs.wire()).await.rcode(), 2);
     let mut lines = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..6 {
         let line = rx
             .recv_timeout(Duration::from_secs(5))
             .expect("a query log line");
@@ -473,6 +488,13 @@ async fn query_log_writes_json_lines() {
     assert_eq!(field(2, "qtype"), "AAAA");
     assert_eq!(field(2, "rcode"), "NXDOMAIN");
     assert_eq!(field(2, "flattened"), false);
+    assert_eq!(field(2, "source"), "upstream");
+    assert_eq!(field(3, "rcode"), "SERVFAIL");
+    assert_eq!(field(3, "source"), "local");
+    assert_eq!(field(4, "rcode"), "SERVFAIL");
+    assert_eq!(field(4, "source"), "upstream");
+    assert_eq!(field(5, "rcode"), "SERVFAIL");
+    assert_eq!(field(5, "source"), "local");
 }
 
 /// `--query-log text`: the same fields as plain tracing lines, on stdout, not stderr.
