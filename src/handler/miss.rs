@@ -255,6 +255,11 @@ impl Miss {
         self.sent.until
     }
 
+    /// How long the attempt was given, from its sending to [`Miss::until`].
+    pub fn span(&self) -> Duration {
+        self.sent.until.saturating_duration_since(self.sent.began)
+    }
+
     /// The socket is readable: takes every datagram waiting there (the socket is
     /// edge-triggered) until one is the reply.
     /// A finished miss leaves its client's reply in `out` (the reply thread's one buffer).

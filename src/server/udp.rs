@@ -44,6 +44,12 @@ pub const POLL: Duration = Duration::from_millis(100);
 /// [`Misses::add`]).
 const WAKE: Token = Token(usize::MAX);
 
+/// How late a miss's timeout may fire rather than wake the reply thread. The receive thread
+/// reads a miss's start before it hands the miss over, and the reply thread may reckon its
+/// wait from a later reading in between, so a miss with the same attempt time as the wait
+/// can fall due a few microseconds before the wait's end: not worth a wake-up.
+const LATE_OK: Duration = Duration::from_millis(1);
+
 /// Errors a UDP socket reports for one datagram (an ICMP error from an earlier send, a full
 /// buffer) rather than for the socket: log and go on.
 fn is_transient(e: &io::Error) -> bool {
@@ -195,11 +201,15 @@ struct Table {
     waiting: HashMap<usize, Miss, foldhash::fast::RandomState>,
     /// Every miss's timeout; an entry whose miss is done is skipped.
     deadlines: Deadlines,
-    /// Where the reply thread's current (or last) wait ends: a miss due before then must wake
-    /// it, or its timeout would fire up to [`POLL`] late (the attempt timeout can be as short
-    /// as 10 ms). With the default 2 s timeout every new miss is due after it, so this never
-    /// costs a wake-up.
+    /// The latest time the reply thread is known to look at the deadlines again (the end of
+    /// its current or last wait): a miss due before then must wake it, or its timeout would
+    /// fire up to [`POLL`] late (the attempt timeout can be as short as 10 ms).
     wait_ends: Option<Instant>,
+    /// How long the reply thread waits when no miss is due: the last miss's attempt time
+    /// while misses come (at most [`POLL`]), so a miss that arrives during the wait is due
+    /// after its end and needs no wake-up; [`POLL`] again after a wait that saw nothing.
+    /// With the default 2 s timeout it is always [`POLL`], and no miss ever wakes the thread.
+    idle: Option<Duration>,
 }
 
 impl Table {
@@ -288,11 +298,12 @@ impl Misses {
             return Err((miss, e));
         }
         let until = miss.until();
+        t.idle = Some(miss.span().min(POLL));
         t.deadlines.push(until, token);
         t.waiting.insert(token, miss);
-        let early = t.wait_ends.is_some_and(|end| until < end);
+        let early = t.wait_ends.is_some_and(|end| until + LATE_OK < end);
         if early {
-            // One wake-up for this wait, however many misses are due before its end.
+            // The thread will look by `until`: a later miss due no sooner needs no wake-up.
             t.wait_ends = Some(until);
         }
         drop(t);
@@ -329,11 +340,10 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
         let wait = {
             let mut t = misses.lock();
             t.drop_done();
-            let wait = t
-                .deadlines
-                .peek()
-                .map_or(POLL, |(at, _)| at.saturating_duration_since(now))
-                .min(POLL);
+            let wait = match t.deadlines.peek() {
+                Some((at, _)) => at.saturating_duration_since(now).min(POLL),
+                None => t.idle.unwrap_or(POLL),
+            };
             t.wait_ends = Some(now + wait);
             wait
         };
@@ -346,7 +356,8 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
         for event in events.iter() {
             let token = event.token().0;
             if token == WAKE.0 {
-                // A miss due before the wait's end: the deadlines below take it.
+                // Nothing to do: the next wait is reckoned from the deadlines, which now hold
+                // the miss that was due before this wait's end.
                 continue;
             }
             let Some(miss) = misses.lock().waiting.remove(&token) else {
@@ -367,6 +378,10 @@ fn replies(mut poll: Poll, misses: Arc<Misses>, listener: Listener, receiving: A
         now = Instant::now();
         {
             let mut t = misses.lock();
+            if events.is_empty() && t.deadlines.peek().is_none() {
+                // A wait that saw nothing: the next may be long again.
+                t.idle = None;
+            }
             while let Some((at, token)) = t.deadlines.peek() {
                 if at > now {
                     break;

@@ -138,10 +138,12 @@ async fn a_short_attempt_timeout_fires_on_time_on_the_reply_thread() {
     let live = Mock::start(ZONE).await;
     let proxy = Proxy::start(&[dead.addr, live.addr], |c| {
         c.timeout = Duration::from_millis(10);
+        // One socket, one reply thread: every query below meets the same thread's wait.
+        c.limits.udp_workers = 1;
     })
     .await;
-    // Misses go to the reply thread once it runs (until then, to tasks): a first miss and a
-    // pause give it time to start.
+    // Misses go to the reply thread once it runs (until then, to tasks): a pause gives it
+    // time to start, and the first miss, the thread's first wait to fall into.
     proxy.udp(&Q::new("www.example.", A)).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     let mut slowest = Duration::ZERO;
@@ -157,7 +159,7 @@ async fn a_short_attempt_timeout_fires_on_time_on_the_reply_thread() {
         "each query tried both"
     );
     assert!(
-        slowest < Duration::from_millis(60),
+        slowest < Duration::from_millis(75),
         "a 10 ms attempt timeout took {slowest:?}"
     );
 }
