@@ -267,6 +267,11 @@ impl Handler {
         &self.metrics
     }
 
+    /// Whether the ACL, as it stands now (reloads change it), lets `ip` in (R1).
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        self.settings.load().allowed(ip)
+    }
+
     /// Applies what may change at run time from `new` (upstreams, resolver, ACL, flatten
     /// scope, aliases); queries already in flight finish with the old settings. Keys that
     /// need a restart keep their running value and are named in the result. The cache is
@@ -381,7 +386,7 @@ impl Handler {
             self.metrics.dropped.inc();
             return Fasted::Done(Fast::Drop);
         };
-        if !self.settings.load().allowed(client.ip()) {
+        if !self.allows(client.ip()) {
             debug!(%client, "refused by ACL");
             match Query::parse(msg) {
                 Ok(q) => {

@@ -6,7 +6,12 @@
 //! - idle timeout between messages, a deadline for a started message to complete (so a client
 //!   trickling one byte at a time cannot hold a connection), a write timeout (so a client that
 //!   never reads cannot either);
-//! - at most `tcp_pipeline` queries in flight per connection; past that, reading pauses.
+//! - at most `tcp_pipeline` queries in flight per connection; past that, reading pauses;
+//! - a client outside the ACL gets one answer, REFUSED (R1), and the connection is closed;
+//!   its query must arrive within `tcp_message_timeout`, not the idle timeout. Such clients
+//!   cannot be turned away at accept (R1 wants them answered), but they need not hold one
+//!   of the `tcp_connections` slots any longer than that: the default idle timeout (10 s)
+//!   would let a few addresses outside the ACL keep the slots from the clients inside it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -121,10 +126,19 @@ impl Conn {
         let pipeline = Arc::new(Semaphore::new(self.limits.tcp_pipeline));
         let mut out = Vec::new();
         loop {
+            // Asked for every message: a reload may change the ACL while a connection is open.
+            let outside = !self.handler.allows(self.peer.ip());
+            let idle = if outside {
+                self.limits
+                    .tcp_message_timeout
+                    .min(self.limits.tcp_idle_timeout)
+            } else {
+                self.limits.tcp_idle_timeout
+            };
             let msg = tokio::select! {
                 _ = self.shutdown.recv() => break,
                 _ = tx.closed() => break,
-                m = read_message(&mut rd, self.limits.tcp_idle_timeout, self.limits.tcp_message_timeout) => match m {
+                m = read_message(&mut rd, idle, self.limits.tcp_message_timeout) => match m {
                     Some(m) => m,
                     None => break,
                 },
@@ -134,10 +148,11 @@ impl Conn {
                 .answer_fast(&msg, self.peer, Transport::Tcp, &mut out)
             {
                 Fast::Reply => {
-                    if tx.send(std::mem::take(&mut out)).await.is_err() {
+                    if tx.send(std::mem::take(&mut out)).await.is_err() || outside {
                         break;
                     }
                 }
+                Fast::Drop if outside => break,
                 Fast::Drop => {}
                 Fast::Miss => {
                     let Ok(permit) = pipeline.clone().acquire_owned().await else {

@@ -99,6 +99,34 @@ async fn a_trickling_client_is_cut_off_by_the_message_deadline() {
 }
 
 #[tokio::test]
+async fn a_client_outside_the_acl_gets_one_refused_and_no_more_time() {
+    let mock = Mock::start(ZONE).await;
+    let proxy = Proxy::start(&[mock.addr], |c| {
+        c.allow = vec!["10.0.0.0/8".parse().unwrap()];
+        c.limits.tcp_idle_timeout = Duration::from_secs(10);
+        c.limits.tcp_message_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Its query is answered REFUSED (R1), then the connection closes, long before the idle
+    // timeout would have closed it; the second query in the same write gets no answer.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let q = Q::new("www.example.", A).wire();
+    let mut two = (q.len() as u16).to_be_bytes().to_vec();
+    two.extend_from_slice(&q);
+    two.extend_from_within(..);
+    s.write_all(&two).await.unwrap();
+    assert_eq!(R::parse(&tcp_recv(&mut s).await).rcode(), 5);
+    assert!(closed_within(&mut s, Duration::from_secs(2)).await);
+    // One that sends nothing is closed after the message timeout, not the idle timeout.
+    let started = Instant::now();
+    let mut quiet = TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(closed_within(&mut quiet, Duration::from_secs(3)).await);
+    let at = started.elapsed();
+    assert!(at >= Duration::from_millis(250), "closed after {at:?}");
+    assert_eq!(mock.total(), 0);
+}
+
+#[tokio::test]
 async fn an_idle_connection_is_closed() {
     let mock = Mock::start(ZONE).await;
     let proxy = Proxy::start(&[mock.addr], |c| {
