@@ -147,7 +147,8 @@ fn answer_records(msg: &[u8]) -> (String, Vec<String>) {
     use domain::base::name::ParsedName;
     use domain::base::Message;
     use domain::rdata::AllRecordData;
-    let rcode = crate::metrics::rcode_name(msg.get(3).map_or(0, |b| b & 0x0f)).to_string();
+    let rcode =
+        crate::metrics::rcode_name(msg.get(3).map_or(0, |b| u16::from(b & 0x0f))).to_string();
     let mut out = Vec::new();
     let Ok(m) = Message::from_slice(msg) else {
         return (rcode, out);

@@ -128,22 +128,34 @@ struct Lead {
     held: Option<bool>,
 }
 
-/// How a reply came about: where from, and whether it is a flattened answer.
+/// How a reply came about: where from, whether it is a flattened answer, and the upper
+/// eight bits of its rcode, which live in its OPT record (RFC 6891 6.1.3).
 #[derive(Debug, Clone, Copy)]
 struct Served {
     source: Source,
     flattened: bool,
+    /// Set only where flatdns writes an extended rcode itself (BADVERS). An upstream's own
+    /// extended rcode (BADCOOKIE, say) is counted by its lower four bits: finding it would
+    /// mean reading the OPT of every reply, cache hits included, for rcodes this proxy's
+    /// queries do not draw (its upstream queries are EDNS version 0, without cookies).
+    ext_rcode: u8,
 }
 
 impl Served {
     const LOCAL: Served = Served {
         source: Source::Local,
         flattened: false,
+        ext_rcode: 0,
+    };
+    const BADVERS: Served = Served {
+        ext_rcode: wire::EXT_RCODE_BADVERS,
+        ..Served::LOCAL
     };
     fn upstream(flattened: bool) -> Served {
         Served {
             source: Source::Upstream,
             flattened,
+            ext_rcode: 0,
         }
     }
 }
@@ -327,7 +339,8 @@ impl Handler {
         served: Served,
         started: Option<std::time::Instant>,
     ) {
-        let rcode = out.get(3).map_or(0, |b| b & 0x0f);
+        let rcode =
+            u16::from(served.ext_rcode) << 4 | out.get(3).map_or(0, |b| u16::from(b & 0x0f));
         let qtype = q.map_or(0, |q| q.qtype);
         self.metrics.query(transport, qtype, rcode);
         match served.source {
@@ -431,7 +444,7 @@ impl Handler {
             // RFC 6891 6.1.3: BADVERS, advertising the version we do support (0).
             let opt = response::own_opt(&q, wire::EXT_RCODE_BADVERS);
             response::error(q.id(), q.header.flags, Some(q.question()), 0, opt, out);
-            self.done(transport, client, Some(&q), out, Served::LOCAL, started);
+            self.done(transport, client, Some(&q), out, Served::BADVERS, started);
             return Fasted::Done(Fast::Reply);
         }
         if q.qtype == wire::TYPE_ANY && transport == Transport::Udp {
@@ -458,6 +471,7 @@ impl Handler {
                     let served = Served {
                         source: Source::Cache,
                         flattened: e.kind == Kind::Flattened,
+                        ext_rcode: 0,
                     };
                     self.done(transport, client, Some(&q), out, served, started);
                     return Fasted::Done(Fast::Reply);
@@ -560,6 +574,7 @@ impl Handler {
             Served {
                 source: Source::Stale,
                 flattened: stale.kind == Kind::Flattened,
+                ext_rcode: 0,
             }
         } else {
             response::error_for(q, wire::RCODE_SERVFAIL, &mut out);

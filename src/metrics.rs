@@ -56,7 +56,9 @@ const TYPES: [(u16, &str); 17] = [
     (crate::config::TYPE_ALIAS, "ALIAS"),
 ];
 const OTHER: usize = TYPES.len();
-const RCODES: [&str; 16] = [
+/// The sixteen header rcodes, BADVERS (16, the only extended one flatdns writes itself) and
+/// any other extended rcode.
+const RCODES: [&str; 18] = [
     "NOERROR",
     "FORMERR",
     "SERVFAIL",
@@ -73,6 +75,8 @@ const RCODES: [&str; 16] = [
     "RCODE13",
     "RCODE14",
     "RCODE15",
+    "BADVERS",
+    "OTHER",
 ];
 const TRANSPORTS: [&str; 2] = ["udp", "tcp"];
 
@@ -141,9 +145,14 @@ fn type_index(qtype: u16) -> usize {
     }
 }
 
-/// The mnemonic of a (4-bit header) response code.
-pub fn rcode_name(rcode: u8) -> &'static str {
-    RCODES[usize::from(rcode & 0x0f)]
+/// The mnemonic of a response code: the header's four bits, and above them the eight of
+/// the OPT record's extended rcode.
+pub fn rcode_name(rcode: u16) -> &'static str {
+    RCODES[rcode_index(rcode)]
+}
+
+fn rcode_index(rcode: u16) -> usize {
+    usize::from(rcode).min(RCODES.len() - 1)
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -161,15 +170,15 @@ impl QueryTable {
             cells: (0..n).map(|_| AtomicU64::new(0)).collect(),
         }
     }
-    fn index(transport: Transport, qtype: u16, rcode: u8) -> usize {
+    fn index(transport: Transport, qtype: u16, rcode: u16) -> usize {
         let t = match transport {
             Transport::Udp => 0,
             Transport::Tcp => 1,
         };
         let ty = type_index(qtype);
-        (t * (TYPES.len() + 1) + ty) * RCODES.len() + usize::from(rcode & 0x0f)
+        (t * (TYPES.len() + 1) + ty) * RCODES.len() + rcode_index(rcode)
     }
-    fn count(&self, transport: Transport, qtype: u16, rcode: u8) {
+    fn count(&self, transport: Transport, qtype: u16, rcode: u16) {
         if let Some(c) = self.cells.get(Self::index(transport, qtype, rcode)) {
             c.fetch_add(1, Relaxed);
         }
@@ -461,7 +470,7 @@ impl Metrics {
     }
 
     /// Counts one answered query.
-    pub fn query(&self, transport: Transport, qtype: u16, rcode: u8) {
+    pub fn query(&self, transport: Transport, qtype: u16, rcode: u16) {
         self.queries.count(transport, qtype, rcode);
     }
 
@@ -567,6 +576,8 @@ mod tests {
         m.query(Transport::Udp, 1, 0);
         m.query(Transport::Tcp, 28, 3);
         m.query(Transport::Udp, 999, 2);
+        m.query(Transport::Udp, 1, 16);
+        m.query(Transport::Udp, 1, 23);
         let text = m.render();
         assert!(
             text.contains(r#"flatdns_queries_total{transport="udp",type="A",rcode="NOERROR"} 2"#),
@@ -576,7 +587,12 @@ mod tests {
             .contains(r#"flatdns_queries_total{transport="tcp",type="AAAA",rcode="NXDOMAIN"} 1"#));
         assert!(text
             .contains(r#"flatdns_queries_total{transport="udp",type="OTHER",rcode="SERVFAIL"} 1"#));
-        assert_eq!(text.matches("flatdns_queries_total{").count(), 3);
+        assert!(
+            text.contains(r#"flatdns_queries_total{transport="udp",type="A",rcode="BADVERS"} 1"#)
+        );
+        // BADCOOKIE (23), never written by flatdns: its own cell, not another's.
+        assert!(text.contains(r#"flatdns_queries_total{transport="udp",type="A",rcode="OTHER"} 1"#));
+        assert_eq!(text.matches("flatdns_queries_total{").count(), 5);
         assert!(text.ends_with("# EOF\n"));
     }
 

@@ -87,6 +87,16 @@ async fn metrics_move_with_real_queries() {
     assert_eq!(p.udp(&Q::new("loop1.example.", A)).await.answer.len(), 2);
     assert_eq!(p.tcp(&Q::new("plain.example.", A)).await.answer.len(), 1);
     assert_eq!(p.udp(&Q::new("nothere.example.", MX)).await.rcode(), 3);
+    // EDNS version 1: BADVERS, header rcode 0 with 1 in the OPT's upper bits.
+    let mut badvers = Q::new("one.example.", A).edns(1232, false).wire();
+    let n = badvers.len();
+    badvers[n - 5] = 1;
+    let r = R::parse(
+        &udp_exchange(p.addr, &badvers, Duration::from_secs(2))
+            .await
+            .unwrap(),
+    );
+    assert_eq!((r.rcode(), r.opt.map(|o| o.1 >> 24)), (0, Some(1)));
 
     let (_, after) = http_get(maddr, "/metrics").await;
     let m = samples(&after);
@@ -94,7 +104,8 @@ async fn metrics_move_with_real_queries() {
         let key = format!(r#"flatdns_queries_total{{transport="{t}",type="{ty}",rcode="{rc}"}}"#);
         get(&m, &key)
     };
-    assert_eq!(q("udp", "A", "NOERROR"), 4.0);
+    assert_eq!(q("udp", "A", "NOERROR"), 4.0, "BADVERS is not NOERROR");
+    assert_eq!(q("udp", "A", "BADVERS"), 1.0);
     assert_eq!(q("tcp", "A", "NOERROR"), 1.0);
     assert_eq!(q("udp", "MX", "NXDOMAIN"), 1.0);
     assert_eq!(get(&m, "flatdns_flattened_total"), 2.0);
