@@ -64,6 +64,9 @@ pub enum Transport {
 pub enum Fast {
     /// `out` holds the reply.
     Reply,
+    /// `out` holds REFUSED for a client outside the ACL (R1): send it; over TCP the
+    /// connection then closes.
+    Refused,
     /// Send nothing.
     Drop,
     /// Needs the upstream: call [`Handler::answer`] from a task.
@@ -412,7 +415,7 @@ impl Handler {
                     self.done(transport, client, None, out, Served::LOCAL, started);
                 }
             }
-            return Fasted::Done(Fast::Reply);
+            return Fasted::Done(Fast::Refused);
         }
         if header.opcode() != wire::OPCODE_QUERY {
             // Before the question is checked: BIND answers an unknown opcode NOTIMP whatever
@@ -499,7 +502,7 @@ impl Handler {
         // deliberate, since a leader may have filled the cache in between, and a hit here
         // saves an upstream query that coalescing could no longer prevent.
         match self.answer_fast(&msg, client, transport, &mut out) {
-            Fast::Reply => return Some(out),
+            Fast::Reply | Fast::Refused => return Some(out),
             Fast::Drop => return None,
             Fast::Miss => {}
         }

@@ -648,7 +648,8 @@ proptest! {
         let transport = if tcp { Transport::Tcp } else { Transport::Udp };
         let mut out = Vec::new();
         match handler().answer_fast(&msg, client, transport, &mut out) {
-            Fast::Reply => {
+            f @ (Fast::Reply | Fast::Refused) => {
+                prop_assert_eq!(f == Fast::Refused, outside, "Refused exactly outside the ACL");
                 let h = Header::read(&out).expect("reply shorter than a header");
                 prop_assert!(h.has(wire::FLAG_QR));
                 prop_assert_eq!(&out[..2], &msg[..2], "ID not echoed");

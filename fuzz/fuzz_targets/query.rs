@@ -130,7 +130,12 @@ fuzz_target!(|data: &[u8]| {
         let client: SocketAddr = client.parse().unwrap();
         let allowed = client.ip().is_loopback();
         match h.answer_fast(data, client, transport, &mut out) {
-            Fast::Reply => {
+            f @ (Fast::Reply | Fast::Refused) => {
+                assert_eq!(
+                    f == Fast::Refused,
+                    !allowed,
+                    "Refused exactly outside the ACL"
+                );
                 let r = Header::read(&out).expect("reply shorter than a header");
                 assert!(r.has(wire::FLAG_QR), "reply without QR");
                 assert_eq!(&out[..2], &data[..2], "reply with another ID");

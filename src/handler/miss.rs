@@ -104,7 +104,7 @@ impl Handler {
         out: &mut Vec<u8>,
     ) -> Started {
         match self.fast(msg, client, Transport::Udp, out) {
-            Fasted::Done(Fast::Reply) => Started::Reply,
+            Fasted::Done(Fast::Reply | Fast::Refused) => Started::Reply,
             Fasted::Done(Fast::Drop) => Started::Drop,
             Fasted::Done(Fast::Miss) => Started::Async,
             Fasted::Miss(missed) => self.start_miss(missed, client, out),

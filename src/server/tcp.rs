@@ -8,10 +8,11 @@
 //!   never reads cannot either);
 //! - at most `tcp_pipeline` queries in flight per connection; past that, reading pauses;
 //! - a client outside the ACL gets one answer, REFUSED (R1), and the connection is closed;
-//!   its query must arrive within `tcp_message_timeout`, not the idle timeout. Such clients
-//!   cannot be turned away at accept (R1 wants them answered), but they need not hold one
-//!   of the `tcp_connections` slots any longer than that: the default idle timeout (10 s)
-//!   would let a few addresses outside the ACL keep the slots from the clients inside it.
+//!   its query must arrive whole within `tcp_message_timeout`, not the idle timeout. Such
+//!   clients are not turned away at accept (R1 wants them answered), but they do not take
+//!   the `tcp_connections` slots of the clients inside it: they have `tcp_per_client` slots
+//!   of their own, all of them together. Without that, the default idle timeout (10 s)
+//!   would let a few addresses outside the ACL hold every slot.
 
 use std::io;
 use std::net::SocketAddr;
@@ -64,12 +65,21 @@ pub async fn serve(
 ) {
     let limits = handler.config().limits.clone();
     let conns = Arc::new(Semaphore::new(limits.tcp_connections));
+    let outside_conns = Arc::new(Semaphore::new(
+        limits.tcp_per_client.min(limits.tcp_connections),
+    ));
     let per_client = PerClient::new(limits.tcp_per_client);
     loop {
         let Some((stream, peer)) = accept(&listener, &mut shutdown, "tcp").await else {
             break;
         };
-        let Ok(permit) = conns.clone().try_acquire_owned() else {
+        // Clients outside the ACL (as it stands at accept) share slots of their own.
+        let pool = if handler.allows(peer.ip()) {
+            &conns
+        } else {
+            &outside_conns
+        };
+        let Ok(permit) = pool.clone().try_acquire_owned() else {
             debug!(%peer, "tcp connection limit reached");
             continue;
         };
@@ -125,20 +135,31 @@ impl Conn {
         let writer = tokio::spawn(write_loop(wr, rx, self.limits.tcp_write_timeout));
         let pipeline = Arc::new(Semaphore::new(self.limits.tcp_pipeline));
         let mut out = Vec::new();
+        let (idle, complete) = (
+            self.limits.tcp_idle_timeout,
+            self.limits.tcp_message_timeout,
+        );
+        // For a client outside the ACL: the whole of its one message within this.
+        let short = complete.min(idle);
+        let mut refused = false;
         loop {
-            // Asked for every message: a reload may change the ACL while a connection is open.
+            // Only picks how long to wait: the handler decides on the message as it comes
+            // (a reload may change the ACL meanwhile).
             let outside = !self.handler.allows(self.peer.ip());
-            let idle = if outside {
-                self.limits
-                    .tcp_message_timeout
-                    .min(self.limits.tcp_idle_timeout)
-            } else {
-                self.limits.tcp_idle_timeout
+            let read = async {
+                if outside {
+                    timeout(short, read_message(&mut rd, short, short))
+                        .await
+                        .ok()
+                        .flatten()
+                } else {
+                    read_message(&mut rd, idle, complete).await
+                }
             };
             let msg = tokio::select! {
                 _ = self.shutdown.recv() => break,
                 _ = tx.closed() => break,
-                m = read_message(&mut rd, idle, self.limits.tcp_message_timeout) => match m {
+                m = read => match m {
                     Some(m) => m,
                     None => break,
                 },
@@ -148,9 +169,14 @@ impl Conn {
                 .answer_fast(&msg, self.peer, Transport::Tcp, &mut out)
             {
                 Fast::Reply => {
-                    if tx.send(std::mem::take(&mut out)).await.is_err() || outside {
+                    if tx.send(std::mem::take(&mut out)).await.is_err() {
                         break;
                     }
+                }
+                Fast::Refused => {
+                    refused = true;
+                    let _ = tx.send(std::mem::take(&mut out)).await;
+                    break;
                 }
                 Fast::Drop if outside => break,
                 Fast::Drop => {}
@@ -165,6 +191,9 @@ impl Conn {
         // Queries still running hold clones of `tx`; the writer ends after their replies.
         drop(tx);
         let _ = writer.await;
+        if refused {
+            drain(&mut rd, short).await;
+        }
     }
 
     fn spawn_query(&self, msg: Vec<u8>, tx: mpsc::Sender<Vec<u8>>, permit: OwnedSemaphorePermit) {
@@ -196,6 +225,17 @@ async fn read_message(
     .await
     .ok()?
     .ok()
+}
+
+/// Reads and drops what the client still sends, until it closes or `wait` has passed. A
+/// socket closed with unread input makes the kernel send a reset, which can destroy the
+/// answer still on its way (a pipelined query after a REFUSED, say).
+async fn drain(rd: &mut OwnedReadHalf, wait: Duration) {
+    let mut sink = [0u8; 512];
+    let _ = timeout(wait, async {
+        while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 async fn write_loop(

@@ -148,7 +148,7 @@ pub fn serve(
         let started = match fast {
             Some(_) => handler.answer_udp(msg, src, &mut out),
             None => match handler.answer_fast(msg, src, Transport::Udp, &mut out) {
-                Fast::Reply => Started::Reply,
+                Fast::Reply | Fast::Refused => Started::Reply,
                 Fast::Drop => Started::Drop,
                 Fast::Miss => Started::Async,
             },
